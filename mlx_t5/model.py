@@ -1,0 +1,325 @@
+"""T5 / Flan-T5 in MLX, numerically the same model as transformers' T5ForConditionalGeneration.
+
+Module attributes mirror the HF parameter names (`encoder.block.0.layer.0.SelfAttention.q.weight`, ...), so an
+HF checkpoint loads after `sanitize` drops the embedding aliases, and what we save loads in transformers.
+"""
+
+import math
+from dataclasses import dataclass, field, fields
+from typing import Any, Optional
+
+import mlx.core as mx
+import mlx.nn as nn
+
+NEG_INF = -1e9  # additive mask value: finite so a fully masked row gives a uniform softmax, not NaN
+
+
+@dataclass
+class ModelArgs:
+    vocab_size: int = 32128
+    d_model: int = 512
+    d_kv: int = 64
+    d_ff: int = 2048
+    num_layers: int = 6
+    num_decoder_layers: Optional[int] = None
+    num_heads: int = 8
+    relative_attention_num_buckets: int = 32
+    relative_attention_max_distance: int = 128
+    dropout_rate: float = 0.1
+    layer_norm_epsilon: float = 1e-6
+    feed_forward_proj: str = "relu"
+    tie_word_embeddings: bool = True
+    pad_token_id: int = 0
+    eos_token_id: int = 1
+    decoder_start_token_id: int = 0
+    quantization: Optional[dict] = None
+    extra: dict = field(default_factory=dict, repr=False)  # unknown config keys, kept so save() round-trips
+
+    def __post_init__(self):
+        if self.num_decoder_layers is None:
+            self.num_decoder_layers = self.num_layers
+        # HF: "gated-gelu" -> gated, gelu_new (tanh); "relu" -> plain; "gated-silu" -> gated silu.
+        # Gating is read from the name, never from the key's presence (a saved ReLU config has it too).
+        parts = self.feed_forward_proj.split("-")
+        if len(parts) > 2 or (len(parts) == 2 and parts[0] != "gated") or parts[-1] not in ACTIVATIONS:
+            raise ValueError(f"unsupported feed_forward_proj {self.feed_forward_proj!r} "
+                             f"(expected [gated-]{{{'|'.join(ACTIVATIONS)}}})")
+
+    @property
+    def is_gated(self) -> bool:
+        return self.feed_forward_proj.startswith("gated-")
+
+    @property
+    def activation(self) -> str:
+        name = self.feed_forward_proj.split("-")[-1]
+        return "gelu_new" if self.feed_forward_proj == "gated-gelu" else name
+
+    @classmethod
+    def from_dict(cls, config: dict[str, Any]) -> "ModelArgs":
+        known = {f.name for f in fields(cls)} - {"extra"}
+        args = {k: v for k, v in config.items() if k in known}
+        args["extra"] = {k: v for k, v in config.items() if k not in known}
+        return cls(**args)
+
+
+ACTIVATIONS = {
+    "relu": nn.relu,
+    "gelu": nn.gelu,  # exact erf form
+    "gelu_new": nn.gelu_approx,  # tanh form: what HF's "gated-gelu" (Flan-T5, T5 v1.1) means
+    "silu": nn.silu,
+}
+
+
+def relative_position_bucket(relative_position: mx.array, bidirectional: bool, num_buckets: int,
+                             max_distance: int) -> mx.array:
+    """T5's log-spaced buckets for (key - query) distances; same arithmetic as transformers (fp32 log)."""
+    buckets = mx.zeros_like(relative_position)
+    if bidirectional:
+        num_buckets //= 2
+        buckets = (relative_position > 0).astype(mx.int32) * num_buckets
+        distance = mx.abs(relative_position)
+    else:
+        distance = -mx.minimum(relative_position, 0)
+    max_exact = num_buckets // 2
+    # max(distance, 1) only avoids log(0); those positions take the exact branch anyway.
+    log_ratio = mx.log(mx.maximum(distance, 1).astype(mx.float32) / max_exact) / math.log(max_distance / max_exact)
+    large = max_exact + (log_ratio * (num_buckets - max_exact)).astype(mx.int32)
+    large = mx.minimum(large, num_buckets - 1)
+    return buckets + mx.where(distance < max_exact, distance, large)
+
+
+class KVCache:
+    """One decoder layer's cache: growing self-attention K/V and the cross-attention K/V computed once."""
+
+    def __init__(self):
+        self.keys = self.values = None
+        self.cross = None  # (keys, values) over the encoder output
+
+    @property
+    def offset(self) -> int:
+        return 0 if self.keys is None else self.keys.shape[2]
+
+    def update(self, keys: mx.array, values: mx.array) -> tuple[mx.array, mx.array]:
+        if self.keys is not None:
+            keys = mx.concatenate([self.keys, keys], axis=2)
+            values = mx.concatenate([self.values, values], axis=2)
+        self.keys, self.values = keys, values
+        return keys, values
+
+    def reorder(self, indices: mx.array):
+        """Beam search: pick the batch rows the surviving beams came from."""
+        if self.keys is not None:
+            self.keys, self.values = self.keys[indices], self.values[indices]
+        if self.cross is not None:
+            self.cross = (self.cross[0][indices], self.cross[1][indices])
+
+
+class Attention(nn.Module):
+    def __init__(self, args: ModelArgs, has_relative_bias: bool):
+        super().__init__()
+        inner = args.num_heads * args.d_kv
+        self.num_heads, self.d_kv = args.num_heads, args.d_kv
+        self.q = nn.Linear(args.d_model, inner, bias=False)
+        self.k = nn.Linear(args.d_model, inner, bias=False)
+        self.v = nn.Linear(args.d_model, inner, bias=False)
+        self.o = nn.Linear(inner, args.d_model, bias=False)
+        if has_relative_bias:
+            self.relative_attention_bias = nn.Embedding(args.relative_attention_num_buckets, args.num_heads)
+        self.dropout = nn.Dropout(args.dropout_rate)
+
+    def _heads(self, x: mx.array) -> mx.array:
+        B, L, _ = x.shape
+        return x.reshape(B, L, self.num_heads, self.d_kv).transpose(0, 2, 1, 3)
+
+    def __call__(self, x: mx.array, memory: Optional[mx.array], bias: mx.array,
+                 cache: Optional[KVCache] = None) -> mx.array:
+        """Self-attention when memory is None, else cross-attention over memory (K/V cached once)."""
+        B, L, _ = x.shape
+        q = self._heads(self.q(x))
+        if memory is None:
+            k, v = self._heads(self.k(x)), self._heads(self.v(x))
+            if cache is not None:
+                k, v = cache.update(k, v)
+        elif cache is not None and cache.cross is not None:
+            k, v = cache.cross
+        else:
+            k, v = self._heads(self.k(memory)), self._heads(self.v(memory))
+            if cache is not None:
+                cache.cross = (k, v)
+
+        bias = None if bias is None else bias.astype(q.dtype)
+        if self.training and self.dropout.p > 0:
+            # dropout on the attention probabilities needs the unfused path. T5 has no 1/sqrt(d) scaling.
+            scores = (q @ k.transpose(0, 1, 3, 2)).astype(mx.float32)
+            scores = scores if bias is None else scores + bias
+            probs = self.dropout(mx.softmax(scores, axis=-1).astype(q.dtype))
+            out = probs @ v
+        else:
+            out = mx.fast.scaled_dot_product_attention(q, k, v, scale=1.0, mask=bias)
+        return self.o(out.transpose(0, 2, 1, 3).reshape(B, L, -1))
+
+
+class DenseReluDense(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        if args.is_gated:
+            self.wi_0 = nn.Linear(args.d_model, args.d_ff, bias=False)
+            self.wi_1 = nn.Linear(args.d_model, args.d_ff, bias=False)
+        else:
+            self.wi = nn.Linear(args.d_model, args.d_ff, bias=False)
+        self.wo = nn.Linear(args.d_ff, args.d_model, bias=False)
+        self.act = ACTIVATIONS[args.activation]
+        self.gated = args.is_gated
+        self.dropout = nn.Dropout(args.dropout_rate)
+
+    def __call__(self, x: mx.array) -> mx.array:
+        h = self.act(self.wi_0(x)) * self.wi_1(x) if self.gated else self.act(self.wi(x))
+        return self.wo(self.dropout(h))
+
+
+class SelfAttentionLayer(nn.Module):
+    def __init__(self, args: ModelArgs, has_relative_bias: bool):
+        super().__init__()
+        self.SelfAttention = Attention(args, has_relative_bias)
+        self.layer_norm = nn.RMSNorm(args.d_model, eps=args.layer_norm_epsilon)
+        self.dropout = nn.Dropout(args.dropout_rate)
+
+    def __call__(self, x, bias, cache=None):
+        return x + self.dropout(self.SelfAttention(self.layer_norm(x), None, bias, cache))
+
+
+class CrossAttentionLayer(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.EncDecAttention = Attention(args, has_relative_bias=False)
+        self.layer_norm = nn.RMSNorm(args.d_model, eps=args.layer_norm_epsilon)
+        self.dropout = nn.Dropout(args.dropout_rate)
+
+    def __call__(self, x, memory, bias, cache=None):
+        return x + self.dropout(self.EncDecAttention(self.layer_norm(x), memory, bias, cache))
+
+
+class FeedForwardLayer(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.DenseReluDense = DenseReluDense(args)
+        self.layer_norm = nn.RMSNorm(args.d_model, eps=args.layer_norm_epsilon)
+        self.dropout = nn.Dropout(args.dropout_rate)
+
+    def __call__(self, x):
+        return x + self.dropout(self.DenseReluDense(self.layer_norm(x)))
+
+
+class Block(nn.Module):
+    def __init__(self, args: ModelArgs, is_decoder: bool, has_relative_bias: bool):
+        super().__init__()
+        self.is_decoder = is_decoder
+        self.layer = [SelfAttentionLayer(args, has_relative_bias)]
+        if is_decoder:
+            self.layer.append(CrossAttentionLayer(args))
+        self.layer.append(FeedForwardLayer(args))
+
+    def __call__(self, x, self_bias, memory=None, cross_bias=None, cache=None):
+        x = self.layer[0](x, self_bias, cache)
+        if self.is_decoder:
+            x = self.layer[1](x, memory, cross_bias, cache)
+        return self.layer[-1](x)
+
+
+class Stack(nn.Module):
+    """Encoder or decoder. Only block 0 owns a relative-bias table; its bias is shared by every block."""
+
+    def __init__(self, args: ModelArgs, is_decoder: bool):
+        super().__init__()
+        n = args.num_decoder_layers if is_decoder else args.num_layers
+        self.is_decoder = is_decoder
+        self.num_buckets = args.relative_attention_num_buckets
+        self.max_distance = args.relative_attention_max_distance
+        self.block = [Block(args, is_decoder, has_relative_bias=i == 0) for i in range(n)]
+        self.final_layer_norm = nn.RMSNorm(args.d_model, eps=args.layer_norm_epsilon)
+        self.dropout = nn.Dropout(args.dropout_rate)
+
+    def position_bias(self, query_length: int, key_length: int, offset: int = 0) -> mx.array:
+        """(1, heads, query_length, key_length); decoder queries start at `offset` (the cached length)."""
+        context = mx.arange(offset, offset + query_length)[:, None]
+        memory = mx.arange(key_length)[None, :]
+        buckets = relative_position_bucket(memory - context, not self.is_decoder, self.num_buckets,
+                                           self.max_distance)
+        values = self.block[0].layer[0].SelfAttention.relative_attention_bias(buckets)
+        return values.transpose(2, 0, 1)[None]
+
+    def __call__(self, x, mask=None, memory=None, memory_mask=None, cache=None):
+        """x: embedded inputs (B, L, D). mask: (B, L) 1/0 padding mask of the encoder input.
+        memory/memory_mask: encoder output and its padding mask (decoder only). cache: list of KVCache."""
+        L = x.shape[1]
+        offset = cache[0].offset if cache is not None else 0
+        bias = self.position_bias(L, offset + L, offset)
+        if self.is_decoder:
+            if L > 1:  # causal; a single new token may see everything cached
+                causal = mx.arange(offset + L)[None, :] > mx.arange(offset, offset + L)[:, None]
+                bias = bias + mx.where(causal, NEG_INF, 0.0)
+            cross_bias = padding_bias(memory_mask)
+        else:
+            if mask is not None:
+                bias = bias + padding_bias(mask)
+            cross_bias = None
+        x = self.dropout(x)
+        for i, block in enumerate(self.block):
+            x = block(x, bias, memory, cross_bias, cache[i] if cache is not None else None)
+        return self.dropout(self.final_layer_norm(x))
+
+
+def padding_bias(mask: Optional[mx.array]) -> Optional[mx.array]:
+    """(B, S) 1/0 mask -> additive (B, 1, 1, S) bias; None -> None (nothing padded)."""
+    if mask is None:
+        return None
+    return mx.where(mask[:, None, None, :].astype(mx.bool_), 0.0, NEG_INF)
+
+
+class Model(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.args = args
+        self.shared = nn.Embedding(args.vocab_size, args.d_model)
+        self.encoder = Stack(args, is_decoder=False)
+        self.decoder = Stack(args, is_decoder=True)
+        if not args.tie_word_embeddings:
+            self.lm_head = nn.Linear(args.d_model, args.vocab_size, bias=False)
+
+    def encode(self, input_ids: mx.array, attention_mask: Optional[mx.array] = None) -> mx.array:
+        return self.encoder(self.shared(input_ids), mask=attention_mask)
+
+    def decode(self, decoder_input_ids: mx.array, memory: mx.array, memory_mask: Optional[mx.array] = None,
+               cache: Optional[list[KVCache]] = None) -> mx.array:
+        """Logits for decoder_input_ids given the encoder output; with a cache, feed only the new tokens."""
+        h = self.decoder(self.shared(decoder_input_ids), memory=memory, memory_mask=memory_mask, cache=cache)
+        if self.args.tie_word_embeddings:
+            # v1.0 rescales before the tied head; as_linear keeps working once the embedding is quantized.
+            return self.shared.as_linear(h * self.args.d_model ** -0.5)
+        return self.lm_head(h)
+
+    def __call__(self, input_ids: mx.array, decoder_input_ids: mx.array,
+                 attention_mask: Optional[mx.array] = None) -> mx.array:
+        return self.decode(decoder_input_ids, self.encode(input_ids, attention_mask), attention_mask)
+
+    def make_cache(self) -> list[KVCache]:
+        return [KVCache() for _ in self.decoder.block]
+
+    def sanitize(self, weights: dict[str, mx.array]) -> dict[str, mx.array]:
+        """HF checkpoint keys -> module keys: drop the aliases of `shared` and tensors T5 never uses."""
+        drop = {"encoder.embed_tokens.weight", "decoder.embed_tokens.weight",
+                # present in the original T5 v1.0 checkpoints, ignored by transformers too
+                "decoder.block.0.layer.1.EncDecAttention.relative_attention_bias.weight"}
+        if self.args.tie_word_embeddings:
+            drop.add("lm_head.weight")
+        return {k: v for k, v in weights.items() if k not in drop}
+
+
+def loss_fn(model: Model, input_ids: mx.array, attention_mask: mx.array, decoder_input_ids: mx.array,
+            labels: mx.array) -> tuple[mx.array, mx.array]:
+    """Mean token cross-entropy over labels != -100 (padding never counts), and the token count."""
+    logits = model(input_ids, decoder_input_ids, attention_mask).astype(mx.float32)
+    valid = labels != -100
+    losses = nn.losses.cross_entropy(logits, mx.where(valid, labels, 0), reduction="none")
+    ntoks = valid.sum()
+    return (losses * valid).sum() / mx.maximum(ntoks, 1), ntoks

@@ -1,0 +1,56 @@
+"""Random-init transformers T5 models of the shapes the tests compare against (the oracle)."""
+
+from pathlib import Path
+
+import torch
+from transformers import T5Config, T5ForConditionalGeneration
+
+VOCAB = 32128  # Flan-T5's embedding rows (tokenizer has 32,100 ids)
+
+# name -> T5Config kwargs. Small enough for CI, covering every code path of the model.
+SHAPES = {
+    # flan-t5-small's real shape (../shared/tokenizers/flan-t5-small/config.json): gated-gelu, untied
+    # head, 6 heads x 64 = 384 != d_model 512.
+    "flan-small": dict(d_model=512, d_kv=64, d_ff=1024, num_layers=8, num_decoder_layers=8, num_heads=6,
+                       feed_forward_proj="gated-gelu", tie_word_embeddings=False),
+    # T5 v1.0: ReLU FFN, tied embeddings, decoder output scaled by d_model**-0.5.
+    "v1-relu-tied": dict(d_model=64, d_kv=16, d_ff=128, num_layers=2, num_decoder_layers=2, num_heads=4,
+                         feed_forward_proj="relu", tie_word_embeddings=True),
+    # odd head count, d_kv * heads != d_model.
+    "odd-heads": dict(d_model=96, d_kv=20, d_ff=160, num_layers=2, num_decoder_layers=2, num_heads=3,
+                      feed_forward_proj="gated-gelu", tie_word_embeddings=False),
+    # encoder depth != decoder depth, small buckets / distance.
+    "deep-decoder": dict(d_model=64, d_kv=16, d_ff=96, num_layers=1, num_decoder_layers=3, num_heads=4,
+                         feed_forward_proj="gated-gelu", tie_word_embeddings=False,
+                         relative_attention_num_buckets=16, relative_attention_max_distance=32),
+}
+
+
+def make_config(name: str, vocab_size: int = VOCAB, **overrides) -> T5Config:
+    kwargs = dict(SHAPES[name], vocab_size=vocab_size, dropout_rate=0.0, decoder_start_token_id=0,
+                  pad_token_id=0, eos_token_id=1)
+    kwargs.update(overrides)
+    return T5Config(**kwargs)
+
+
+def make_model(name: str, seed: int = 0, **overrides) -> T5ForConditionalGeneration:
+    """A random model in eval mode; untied shapes get their own lm_head (transformers 5 ties otherwise)."""
+    torch.manual_seed(seed)
+    config = make_config(name, **overrides)
+    tie = SHAPES[name]["tie_word_embeddings"] if "tie_word_embeddings" not in overrides else overrides["tie_word_embeddings"]
+    model = T5ForConditionalGeneration(config)
+    if not tie:
+        model.lm_head.weight = torch.nn.Parameter(torch.randn_like(model.lm_head.weight) * 0.05)
+        model.config.tie_word_embeddings = False
+    return model.eval()
+
+
+def save_model(name: str, path: Path, tokenizer_dir: Path | None = None, seed: int = 0, **overrides) -> Path:
+    """Save a random model (and the real tokenizer, if given) as an HF folder; return the folder."""
+    model = make_model(name, seed=seed, **overrides)
+    model.save_pretrained(path)
+    if tokenizer_dir is not None:
+        from transformers import AutoTokenizer
+
+        AutoTokenizer.from_pretrained(str(tokenizer_dir)).save_pretrained(path)
+    return Path(path)
