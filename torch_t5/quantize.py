@@ -1,0 +1,274 @@
+"""Dynamic int8 quantization of a T5 checkpoint for CPU serving.
+
+Every ``nn.Linear`` (attention q/k/v/o, the FFN, ``lm_head``) becomes an ``Int8Linear``: int8
+weights with one fp32 scale per output channel, and activations quantized per token at run time
+(W8A8 dynamic), multiplied with ``torch._int_mm`` (int8 x int8 -> int32) on CPU. Embeddings,
+RMS norms and the relative-position bias tables stay fp32.
+
+Why not ``torch.ao.quantization.quantize_dynamic``: it is deprecated (torchao replaces it), and its
+packed ``_packed_params`` are opaque objects that neither safetensors nor ``torch.load(...,
+weights_only=True)`` can hold. Here the quantized state is two plain tensors per layer, so the
+folder is a safetensors file plus a JSON marker: no pickle, no re-quantization on load, and what
+was measured after ``quantize`` is bit for bit what ``load_int8`` serves.
+
+    python -m torch_t5.quantize --model runs/base/final --out runs/base/int8
+
+Folder layout: ``config.json`` (the HF config, unchanged), ``quantized_int8.safetensors`` (named so
+that ``from_pretrained`` and the MLX loader refuse it rather than read int8 as floats),
+``quantization.json`` and the tokenizer files.
+"""
+
+import argparse
+import fnmatch
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from reformulation.io import atomic_dir, atomic_write_json
+
+from .infer import quiet_transformers
+
+WEIGHTS_FILE = "quantized_int8.safetensors"
+MARKER_FILE = "quantization.json"
+FORMAT = "torch_t5.int8_dynamic"
+FORMAT_VERSION = 1
+_ALIASES = ("encoder.embed_tokens.weight", "decoder.embed_tokens.weight", "lm_head.weight")
+
+
+class QuantizeError(RuntimeError):
+    """A model folder that cannot be quantized or an int8 folder that cannot be loaded."""
+
+
+class Int8Linear(nn.Module):
+    """y = x W^T + b with W int8 (symmetric, per output channel) and x quantized per row at run time."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = False, device=None):
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.register_buffer("weight", torch.empty(out_features, in_features, dtype=torch.int8, device=device))
+        self.register_buffer("weight_scale", torch.empty(out_features, dtype=torch.float32, device=device))
+        if bias:
+            self.register_buffer("bias", torch.empty(out_features, dtype=torch.float32, device=device))
+        else:
+            self.bias = None
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear) -> "Int8Linear":
+        w = linear.weight.detach().float()
+        # 127 both ways: a symmetric grid keeps zero exact and the int32 accumulation free of offsets
+        scale = w.abs().amax(dim=1).clamp(min=1e-12) / 127.0
+        q = cls(linear.in_features, linear.out_features, bias=linear.bias is not None, device=w.device)
+        q.weight.copy_(torch.round(w / scale[:, None]).clamp(-127, 127).to(torch.int8))
+        q.weight_scale.copy_(scale)
+        if linear.bias is not None:
+            q.bias.copy_(linear.bias.detach().float())
+        return q
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        x = x.reshape(-1, self.in_features).float()
+        x_scale = x.abs().amax(dim=1, keepdim=True).clamp(min=1e-12) / 127.0
+        xq = torch.round(x / x_scale).clamp(-127, 127).to(torch.int8)
+        if xq.device.type == "cpu":
+            acc = torch._int_mm(xq, self.weight.t()).float()
+        else:  # _int_mm on CUDA wants M > 16 and multiples of 8: same integers, float accumulation
+            acc = xq.float() @ self.weight.float().t()
+        y = acc * x_scale * self.weight_scale
+        if self.bias is not None:
+            y = y + self.bias
+        return y.reshape(*shape[:-1], self.out_features)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
+
+
+def _skipped(name: str, skip) -> bool:
+    return any(fnmatch.fnmatchcase(name, pattern) or name.endswith("." + pattern) or name == pattern
+               for pattern in skip)
+
+
+def quantize_model(model: nn.Module, skip=()) -> list[str]:
+    """Swap every nn.Linear of ``model`` (in place) for an Int8Linear; return the swapped names.
+
+    ``skip``: module names, name suffixes ("wo") or glob patterns ("decoder.*") to keep in float.
+    """
+    targets = [(name, module) for name, module in model.named_modules()
+               if isinstance(module, nn.Linear) and not _skipped(name, skip)]
+    for name, module in targets:
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, child, Int8Linear.from_linear(module))
+    return [name for name, _ in targets]
+
+
+def save_int8(model, tokenizer, out_dir, modules: list[str], source: str | None = None) -> Path:
+    """Write an int8 folder atomically (safetensors + quantization.json + config + tokenizer)."""
+    from safetensors.torch import save_file
+
+    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    # tied tensors (embed_tokens, a tied fp32 lm_head) are views of shared.weight: write it once
+    for alias in _ALIASES:
+        if alias in state and state[alias].data_ptr() == state["shared.weight"].data_ptr():
+            del state[alias]
+    marker = {
+        "format": FORMAT,
+        "version": FORMAT_VERSION,
+        "weights": "int8, symmetric, one fp32 scale per output channel",
+        "activations": "int8, symmetric, one scale per token, computed at run time",
+        "modules": modules,
+        "source": source,
+        "torch": torch.__version__,
+    }
+    out_dir = Path(out_dir)
+    with atomic_dir(out_dir) as tmp:
+        save_file(state, str(tmp / WEIGHTS_FILE), metadata={"format": "pt", "quantization": FORMAT})
+        model.config.to_json_file(str(tmp / "config.json"))
+        if getattr(model, "generation_config", None) is not None:
+            model.generation_config.to_json_file(str(tmp / "generation_config.json"))
+        if tokenizer is not None:
+            tokenizer.save_pretrained(str(tmp))
+        atomic_write_json(tmp / MARKER_FILE, marker)
+    return out_dir
+
+
+def _read_marker(path: Path) -> dict:
+    marker_file = path / MARKER_FILE
+    if not marker_file.is_file():
+        raise QuantizeError(f"{path}: no {MARKER_FILE}; not an int8 folder written by torch_t5.quantize")
+    try:
+        marker = json.loads(marker_file.read_text())
+    except json.JSONDecodeError as e:
+        raise QuantizeError(f"{marker_file}: invalid JSON ({e})") from None
+    if marker.get("format") != FORMAT or marker.get("version") != FORMAT_VERSION:
+        raise QuantizeError(f"{marker_file}: format {marker.get('format')!r} v{marker.get('version')} is not "
+                            f"{FORMAT!r} v{FORMAT_VERSION}")
+    return marker
+
+
+def load_int8(path, device: str = "cpu"):
+    """Load an int8 folder written by ``quantize`` as ``(model, tokenizer)`` in eval mode.
+
+    Args:
+        path: the folder (``quantization.json``, ``quantized_int8.safetensors``, ``config.json``).
+        device: where to put it; the int8 kernel is the CPU one (other devices use a float fallback).
+    """
+    from safetensors.torch import load_file
+    from transformers import AutoConfig, AutoModelForSeq2SeqLM, AutoTokenizer
+
+    path = Path(path)
+    marker = _read_marker(path)
+    weights_file = path / WEIGHTS_FILE
+    if not weights_file.is_file():
+        raise QuantizeError(f"{path}: {WEIGHTS_FILE} is missing")
+    with quiet_transformers():
+        config = AutoConfig.from_pretrained(str(path))
+        with torch.device("meta"):  # no random init of weights that are overwritten next
+            model = AutoModelForSeq2SeqLM.from_config(config)
+    for name in marker["modules"]:
+        try:
+            linear = model.get_submodule(name)
+        except AttributeError:
+            raise QuantizeError(f"{path / MARKER_FILE}: module {name!r} is not in the model of config.json") from None
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, child, Int8Linear(linear.in_features, linear.out_features, linear.bias is not None,
+                                          device="meta"))
+    state = load_file(str(weights_file), device=device)
+    expected = set(model.state_dict())
+    missing = sorted(expected - set(state) - set(_ALIASES))
+    unexpected = sorted(set(state) - expected)
+    if missing or unexpected:
+        raise QuantizeError(f"{weights_file}: does not match config.json + {MARKER_FILE} "
+                            f"(missing {missing[:10]}, unexpected {unexpected[:10]})")
+    model.load_state_dict(state, strict=False, assign=True)
+    model.encoder.embed_tokens = model.shared
+    model.decoder.embed_tokens = model.shared
+    if "lm_head.weight" not in state and not isinstance(model.lm_head, Int8Linear):
+        model.lm_head.weight = model.shared.weight  # T5 v1.0: tied head kept in fp32
+    still_meta = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]
+    if still_meta:
+        raise QuantizeError(f"{weights_file}: tensors not filled from the checkpoint: {still_meta[:10]}")
+    model.to(device).eval()
+    tokenizer = AutoTokenizer.from_pretrained(str(path))
+    return model, tokenizer
+
+
+def greedy_agreement(model_a, model_b, tokenizer, queries, max_new_tokens: int = 64, batch_size: int = 32) -> float:
+    """Fraction of queries for which both models produce the same greedy output string."""
+    from .infer import generate
+
+    a = generate(model_a, tokenizer, queries, max_new_tokens=max_new_tokens, batch_size=batch_size)
+    b = generate(model_b, tokenizer, queries, max_new_tokens=max_new_tokens, batch_size=batch_size)
+    return sum(x == y for x, y in zip(a, b)) / max(len(queries), 1)
+
+
+def file_size(path: Path) -> int:
+    return sum(f.stat().st_size for f in Path(path).glob("*.safetensors"))
+
+
+def quantize_checkpoint(model_dir, out_dir, skip=()) -> dict:
+    """Quantize the HF folder ``model_dir`` into ``out_dir``; return a summary dict."""
+    from .infer import load
+
+    model, tokenizer = load(model_dir, dtype="float32")
+    start = time.perf_counter()
+    modules = quantize_model(model, skip=skip)
+    if not modules:
+        raise QuantizeError(f"{model_dir}: no nn.Linear left to quantize (skip={list(skip)})")
+    save_int8(model, tokenizer, out_dir, modules, source=str(model_dir))
+    return {
+        "modules": len(modules),
+        "seconds": time.perf_counter() - start,
+        "fp32_bytes": file_size(Path(model_dir)),
+        "int8_bytes": file_size(Path(out_dir)),
+    }
+
+
+def main(argv=None) -> int:
+    from rich.console import Console
+
+    parser = argparse.ArgumentParser(prog="python -m torch_t5.quantize", description=__doc__.splitlines()[0])
+    parser.add_argument("--model", required=True, help="HF model folder (or hub id) to quantize")
+    parser.add_argument("--out", required=True, help="output folder (replaced atomically)")
+    parser.add_argument("--skip", nargs="*", default=[],
+                        help="modules to keep in fp32: names, suffixes (wo, lm_head) or globs (decoder.*)")
+    parser.add_argument("--check", metavar="JSONL", default=None,
+                        help="data file: report greedy agreement with the fp32 model on its first queries")
+    parser.add_argument("--check-samples", type=int, default=64, help="queries used by --check (default 64)")
+    args = parser.parse_args(argv)
+
+    console, err = Console(), Console(stderr=True)
+    try:
+        with console.status(f"quantizing {args.model}"):
+            summary = quantize_checkpoint(args.model, args.out, skip=args.skip)
+        console.print(f"[green]wrote[/] {args.out}: {summary['modules']} linear layers in int8, "
+                      f"{summary['fp32_bytes'] / 2**20:,.1f} MiB -> {summary['int8_bytes'] / 2**20:,.1f} MiB")
+        if args.check:
+            from reformulation.data import load_examples
+
+            from .infer import load
+
+            queries = [e.query for e in load_examples(args.check)[: args.check_samples]]
+            with console.status(f"comparing greedy outputs on {len(queries)} queries"):
+                fp32, tokenizer = load(args.model, dtype="float32")
+                int8, _ = load_int8(args.out)
+                rate = greedy_agreement(fp32, int8, tokenizer, queries)
+            console.print(f"greedy agreement with fp32: [bold]{rate:.1%}[/] of {len(queries)} queries")
+    except Exception as e:  # noqa: BLE001 - one line for the user, not a traceback
+        from reformulation.data import DataError
+
+        from .infer import InferError
+
+        if not isinstance(e, (QuantizeError, InferError, DataError, OSError, ValueError)):
+            raise
+        err.print(f"[red]error:[/] {e}", highlight=False, soft_wrap=True)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
