@@ -1,7 +1,9 @@
 """T5 / Flan-T5 in MLX: model, checkpoints, generation, fine-tuning, quantization."""
 
 from . import _blas  # noqa: F401  (must run before the first `import mlx`)
+from .generation import generate, generate_tokens, stream_generate  # noqa: E402
 from .model import KVCache, Model, ModelArgs, loss_fn  # noqa: E402
 from .utils import LoadError, load, save  # noqa: E402
 
-__all__ = ["KVCache", "LoadError", "Model", "ModelArgs", "load", "loss_fn", "save"]
+__all__ = ["KVCache", "LoadError", "Model", "ModelArgs", "generate", "generate_tokens", "load", "loss_fn", "save",
+           "stream_generate"]

@@ -89,28 +89,40 @@ def relative_position_bucket(relative_position: mx.array, bidirectional: bool, n
 
 
 class KVCache:
-    """One decoder layer's cache: growing self-attention K/V and the cross-attention K/V computed once."""
+    """One decoder layer's cache: self-attention K/V in a buffer grown in chunks (no copy of the whole
+    history per token), and the cross-attention K/V computed once."""
+
+    step = 64  # positions added per growth; reformulations are short
 
     def __init__(self):
         self.keys = self.values = None
+        self.offset = 0
         self.cross = None  # (keys, values) over the encoder output
-
-    @property
-    def offset(self) -> int:
-        return 0 if self.keys is None else self.keys.shape[2]
+        self.position_bias = None  # decoder bias table for this request, kept by layer 0's cache
 
     def update(self, keys: mx.array, values: mx.array) -> tuple[mx.array, mx.array]:
-        if self.keys is not None:
-            keys = mx.concatenate([self.keys, keys], axis=2)
-            values = mx.concatenate([self.values, values], axis=2)
-        self.keys, self.values = keys, values
-        return keys, values
+        prev, L = self.offset, keys.shape[2]
+        if self.keys is None or prev + L > self.keys.shape[2]:
+            B, H, _, D = keys.shape
+            grow = (L + self.step - 1) // self.step * self.step
+            new_k = mx.zeros((B, H, grow, D), keys.dtype)
+            new_v = mx.zeros((B, H, grow, values.shape[3]), values.dtype)
+            if self.keys is None:
+                self.keys, self.values = new_k, new_v
+            else:
+                self.keys = mx.concatenate([self.keys[..., :prev, :], new_k], axis=2)
+                self.values = mx.concatenate([self.values[..., :prev, :], new_v], axis=2)
+        self.offset = prev + L
+        self.keys[..., prev:self.offset, :] = keys
+        self.values[..., prev:self.offset, :] = values
+        return self.keys[..., :self.offset, :], self.values[..., :self.offset, :]
 
-    def reorder(self, indices: mx.array):
-        """Beam search: pick the batch rows the surviving beams came from."""
+    def reorder(self, indices: mx.array, cross: bool = True):
+        """Beam search: pick the batch rows the surviving beams came from. cross=False keeps the
+        cross-attention K/V as they are: beams of one input share them, so reordering is a wasted copy."""
         if self.keys is not None:
             self.keys, self.values = self.keys[indices], self.values[indices]
-        if self.cross is not None:
+        if cross and self.cross is not None:
             self.cross = (self.cross[0][indices], self.cross[1][indices])
 
 
@@ -148,7 +160,7 @@ class Attention(nn.Module):
                 cache.cross = (k, v)
 
         bias = None if bias is None else bias.astype(q.dtype)
-        if self.training and self.dropout.p > 0:
+        if self.training and self.dropout._p_1 < 1:  # nn.Dropout keeps 1 - p
             # dropout on the attention probabilities needs the unfused path. T5 has no 1/sqrt(d) scaling.
             scores = (q @ k.transpose(0, 1, 3, 2)).astype(mx.float32)
             scores = scores if bias is None else scores + bias
@@ -248,18 +260,32 @@ class Stack(nn.Module):
         values = self.block[0].layer[0].SelfAttention.relative_attention_bias(buckets)
         return values.transpose(2, 0, 1)[None]
 
+    def causal_bias(self, length: int) -> mx.array:
+        """Decoder self-attention bias for `length` positions: relative positions + causal mask."""
+        causal = mx.arange(length)[None, :] > mx.arange(length)[:, None]
+        return self.position_bias(length, length) + mx.where(causal, NEG_INF, 0.0)
+
+    def cached_causal_bias(self, cache: list, offset: int, length: int) -> mx.array:
+        """The rows for queries offset..offset+length of a table computed once per request (kept in
+        cache[0]), instead of recomputing buckets on every decode step."""
+        table = cache[0].position_bias
+        if table is None or table.shape[-1] < offset + length:
+            size = (offset + length + KVCache.step - 1) // KVCache.step * KVCache.step
+            table = cache[0].position_bias = self.causal_bias(size)
+        return table[:, :, offset:offset + length, :offset + length]
+
     def __call__(self, x, mask=None, memory=None, memory_mask=None, cache=None):
         """x: embedded inputs (B, L, D). mask: (B, L) 1/0 padding mask of the encoder input.
         memory/memory_mask: encoder output and its padding mask (decoder only). cache: list of KVCache."""
         L = x.shape[1]
-        offset = cache[0].offset if cache is not None else 0
-        bias = self.position_bias(L, offset + L, offset)
         if self.is_decoder:
-            if L > 1:  # causal; a single new token may see everything cached
-                causal = mx.arange(offset + L)[None, :] > mx.arange(offset, offset + L)[:, None]
-                bias = bias + mx.where(causal, NEG_INF, 0.0)
+            if cache is not None:
+                bias = self.cached_causal_bias(cache, cache[0].offset, L)
+            else:
+                bias = self.causal_bias(L)
             cross_bias = padding_bias(memory_mask)
         else:
+            bias = self.position_bias(L, L)
             if mask is not None:
                 bias = bias + padding_bias(mask)
             cross_bias = None
