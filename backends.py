@@ -1,0 +1,364 @@
+"""One interface over the MLX and PyTorch inference paths, for chat.py and api.py.
+
+    backend = make_backend("mlx").load("runs/base/final")
+    backend.generate(["Who lived longer, Tesla or Milankovic?"], num_beams=4)
+    # -> ["Nikola Tesla lifespan|Milutin Milankovic lifespan"]
+    for piece in backend.stream("Who lived longer, Tesla or Milankovic?"):
+        print(piece, end="")
+
+Each backend imports its framework on `load`, so `import backends` stays cheap and works with only
+one of mlx / torch installed. Queries go in raw: `format_source` (the training prompt and its
+normalisation) is applied inside the generate functions, once. A backend object is not thread safe:
+api.py drives it from exactly one worker thread.
+"""
+
+import platform
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Iterator, Optional
+
+BACKENDS = ("mlx", "torch-int8", "torch")
+
+
+def default_backend() -> str:
+    """The faster backend here: MLX on Apple Silicon (Metal), torch on CUDA, torch dynamic int8 on other CPUs."""
+    if sys.platform == "darwin" and platform.machine() == "arm64":
+        return "mlx"
+    try:
+        import torch
+    except ImportError:
+        return "mlx"  # the only one installed
+    if torch.cuda.is_available():
+        return "torch"  # Int8Linear's int8 kernel is the CPU one; on CUDA it falls back to float matmuls
+    # Linux x86 CPU, flan-t5-small shape, 24-token queries -> 30 tokens, the two backends interleaved query by
+    # query on the shared 2-core dev box (bench/serve_bench.py, BENCHMARKS.md "Serving"): torch-int8 p50 949 ms
+    # and 512 CPU-ms/query vs MLX fp32 + OpenBLAS 1510 ms and 781 CPU-ms/query. Each token reads the 32128 x 512
+    # output head: 16 MB in int8 vs 66 MB in fp32, and MLX's CPU quantized matmul is no faster than fp32.
+    return "torch-int8"
+
+
+class BackendError(RuntimeError):
+    """A model that cannot be loaded or options a backend cannot honour; the message says which."""
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
+
+
+def check_options(num_beams: int = 1, max_new_tokens: int = 64, temperature: float = 0.0) -> None:
+    """Same rules for every backend (and for the chat commands)."""
+    if isinstance(num_beams, bool) or not isinstance(num_beams, int) or num_beams < 1:
+        raise BackendError(f"num_beams must be an integer >= 1, got {num_beams!r}")
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+        raise BackendError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
+    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not temperature >= 0:
+        raise BackendError(f"temperature must be a number >= 0 (0 = greedy), got {temperature!r}")
+    if temperature > 0 and num_beams > 1:
+        raise BackendError("sampling (temperature > 0) and beam search (num_beams > 1) do not mix: choose one")
+
+
+class Backend:
+    """Interface shared by the backends. `load` returns self, so `make_backend(n).load(p)` reads well."""
+
+    name = "base"
+
+    def __init__(self):
+        self.model = self.tokenizer = None
+        self.path: Optional[str] = None
+        self.load_seconds = 0.0
+        self.options: dict = {}
+
+    @property
+    def loaded(self) -> bool:
+        return self.model is not None
+
+    def preload(self) -> None:
+        """Import the framework now, in the calling thread (api.py: the main one, before the worker starts)."""
+
+    def load(self, path, **opts) -> "Backend":
+        raise NotImplementedError
+
+    def generate(self, queries: list[str], num_beams: int = 1, max_new_tokens: int = 64,
+                 temperature: float = 0.0, ignore_eos: bool = False) -> list[str]:
+        """One "a|b|c" string per query, in order. ignore_eos (benchmarks): exactly max_new_tokens tokens."""
+        raise NotImplementedError
+
+    def stream(self, query: str, num_beams: int = 1, max_new_tokens: int = 64,
+               temperature: float = 0.0) -> Iterator[str]:
+        """Text pieces as they are produced (beam search cannot stream: one piece at the end)."""
+        raise NotImplementedError
+
+    def describe(self) -> dict:
+        return {"backend": self.name, "model": self.path, "load_seconds": round(self.load_seconds, 3),
+                **self.options, **self._details()}
+
+    def _details(self) -> dict:
+        return {}
+
+    def _require(self):
+        if not self.loaded:
+            raise BackendError(f"{self.name} backend: no model loaded (call load(path) first)")
+
+    def _check_queries(self, queries) -> list[str]:
+        if isinstance(queries, str):
+            raise BackendError("queries must be a list of strings, not one string")
+        queries = list(queries)
+        for i, q in enumerate(queries):
+            if not isinstance(q, str) or not q.strip():
+                raise BackendError(f"query {i} is empty or not a string")
+        return queries
+
+
+class MLXBackend(Backend):
+    """mlx_t5: an HF-layout folder (fp32/bf16 or MLX-quantized), a hub id, or an mlx_t5 LoRA adapter folder
+    (its base_model is loaded and the adapters fused in)."""
+
+    name = "mlx"
+
+    def preload(self):
+        # mlx_t5 preloads OpenBLAS; doing that on a short-lived thread can abort the process at exit
+        # ("terminate called without an active exception"), so it happens on the main thread
+        import mlx_t5  # noqa: F401
+
+    def load(self, path, dtype: Optional[str] = None, tokenizer: Optional[str] = None,
+             threads: Optional[int] = None) -> "MLXBackend":
+        """threads: OpenBLAS threads on Linux (process-wide); MLX's own CPU ops are single-threaded."""
+        import mlx_t5  # first: preloads OpenBLAS before mlx itself is imported
+
+        if threads is not None:
+            _set_openblas_threads(threads)
+        start = time.perf_counter()
+        try:
+            if (Path(path).expanduser() / "adapters.safetensors").is_file():
+                model, tok = _load_mlx_adapter(Path(path).expanduser(), dtype, tokenizer)
+            else:
+                model, tok = mlx_t5.load(path, dtype=dtype, tokenizer=tokenizer)
+        except mlx_t5.LoadError as err:
+            raise BackendError(str(err)) from None
+        except (OSError, ValueError) as err:
+            raise BackendError(f"{path}: could not load ({type(err).__name__}: {_first_line(err)})") from None
+        self.model, self.tokenizer, self.path = model, tok, str(path)
+        self.options = {"dtype": dtype or _mlx_dtype_name(model)}
+        self.load_seconds = time.perf_counter() - start
+        return self
+
+    def generate(self, queries, num_beams=1, max_new_tokens=64, temperature=0.0, ignore_eos=False):
+        import mlx_t5
+
+        self._require()
+        queries = self._check_queries(queries)
+        check_options(num_beams, max_new_tokens, temperature)
+        if not queries:
+            return []
+        # ignore_eos (benchmarks): EOS masked, exactly max_new_tokens tokens per query
+        texts = mlx_t5.generate(self.model, self.tokenizer, queries, num_beams=num_beams,
+                                max_new_tokens=max_new_tokens, temperature=temperature, ignore_eos=ignore_eos)
+        return [t.strip() for t in texts]
+
+    def stream(self, query, num_beams=1, max_new_tokens=64, temperature=0.0):
+        import mlx_t5
+
+        self._require()
+        self._check_queries([query])
+        check_options(num_beams, max_new_tokens, temperature)
+        if num_beams > 1:
+            yield from self.generate([query], num_beams=num_beams, max_new_tokens=max_new_tokens)
+            return
+        yield from mlx_t5.stream_generate(self.model, self.tokenizer, query, max_new_tokens=max_new_tokens,
+                                          temperature=temperature)
+
+    def _details(self):
+        import mlx.core as mx
+        from mlx.utils import tree_flatten
+
+        from mlx_t5 import _blas
+
+        args = self.model.args
+        return {"parameters": sum(v.size for _, v in tree_flatten(self.model.parameters())),
+                "d_model": args.d_model, "layers": [args.num_layers, args.num_decoder_layers],
+                "quantization": args.quantization, "device": str(mx.default_device()),
+                "blas": _blas.LOADED, "blas_threads": _openblas_threads()}
+
+
+def _load_mlx_adapter(folder: Path, dtype, tokenizer):
+    """Base model named in adapter_config.json + the adapters, fused: plain-speed inference."""
+    import mlx_t5
+    from mlx_t5.lora import fuse_lora, load_adapters, read_adapter_config
+
+    base = read_adapter_config(folder).get("base_model")
+    if not base:
+        raise BackendError(f"{folder / 'adapter_config.json'}: no base_model, so there is nothing to apply it to")
+    # the trainer may save the tokenizer beside the adapter; else the base model's
+    own_tokenizer = (folder / "tokenizer_config.json").is_file()
+    model, tok = mlx_t5.load(base, dtype=dtype, tokenizer=tokenizer or (str(folder) if own_tokenizer else None))
+    return fuse_lora(load_adapters(model, folder)), tok
+
+
+def _set_openblas_threads(threads: int) -> None:
+    import ctypes
+
+    from mlx_t5 import _blas
+
+    if threads < 1:
+        raise BackendError(f"threads must be >= 1, got {threads}")
+    if not _blas.LOADED:
+        raise BackendError("threads: MLX here does not use the preloaded OpenBLAS, nothing to set")
+    ctypes.CDLL(_blas.LOADED).openblas_set_num_threads(threads)
+
+
+def _openblas_threads():
+    import ctypes
+
+    from mlx_t5 import _blas
+
+    return ctypes.CDLL(_blas.LOADED).openblas_get_num_threads() if _blas.LOADED else None
+
+
+def _mlx_dtype_name(model) -> str:
+    import mlx.core as mx
+
+    dtype = model.shared.weight.dtype
+    return {mx.float32: "float32", mx.bfloat16: "bfloat16", mx.float16: "float16"}.get(dtype, str(dtype))
+
+
+class TorchBackend(Backend):
+    """torch_t5: HF folder, PEFT adapter folder or int8 folder; `quantize=True` serves int8 dynamic
+    (an HF folder is quantized on load, so the torch-int8 flag always means int8)."""
+
+    def __init__(self, quantize: bool = False):
+        super().__init__()
+        self.quantize = quantize
+        self.name = "torch-int8" if quantize else "torch"
+
+    def load(self, path, dtype: Optional[str] = None, device: Optional[str] = None,
+             tokenizer: Optional[str] = None, threads: Optional[int] = None) -> "TorchBackend":
+        """threads: torch intra-op threads (process-wide); 1 often wins for batch-1 decoding on a busy CPU."""
+        import torch
+        from transformers.utils import logging as hf_logging
+
+        from torch_t5.infer import InferError, load
+        from torch_t5.quantize import Int8Linear, QuantizeError, quantize_model
+
+        hf_logging.disable_progress_bar()  # a server log / REPL is no place for "Loading weights" bars
+        if threads is not None:
+            if threads < 1:
+                raise BackendError(f"threads must be >= 1, got {threads}")
+            torch.set_num_threads(threads)
+        start = time.perf_counter()
+        is_int8_folder = (Path(path).expanduser() / "quantization.json").is_file()
+        if is_int8_folder and not self.quantize:
+            raise BackendError(f"{path} is an int8 folder: serve it with --backend torch-int8")
+        if self.quantize and dtype not in (None, "float32"):
+            raise BackendError(f"torch-int8 runs int8 weights with fp32 activations; dtype {dtype!r} does not apply")
+        try:
+            model, tok = load(path, device=device or ("cpu" if self.quantize else None), dtype=dtype,
+                              tokenizer=tokenizer)
+            if self.quantize and not is_int8_folder:
+                if next(model.parameters()).device.type != "cpu":
+                    raise BackendError("torch-int8 is the CPU serving path; load the model on cpu")
+                quantize_model(model)
+        except (InferError, QuantizeError) as err:
+            raise BackendError(str(err)) from None
+        except (OSError, ValueError) as err:
+            raise BackendError(f"{path}: could not load ({type(err).__name__}: {_first_line(err)})") from None
+        self.model, self.tokenizer, self.path = model, tok, str(path)
+        self.int8_modules = sum(isinstance(m, Int8Linear) for m in model.modules())
+        self.options = {"dtype": "int8" if self.quantize else str(next(model.parameters()).dtype).split(".")[-1]}
+        self.load_seconds = time.perf_counter() - start
+        return self
+
+    def generate(self, queries, num_beams=1, max_new_tokens=64, temperature=0.0, ignore_eos=False):
+        from torch_t5.infer import generate
+
+        self._require()
+        queries = self._check_queries(queries)
+        check_options(num_beams, max_new_tokens, temperature)
+        if not queries:
+            return []
+        # min_new_tokens = max_new_tokens masks EOS until the end: exactly max_new_tokens tokens
+        extra = {"min_new_tokens": max_new_tokens} if ignore_eos else {}
+        if temperature > 0:
+            return self._sample(queries, max_new_tokens, temperature, extra)
+        return generate(self.model, self.tokenizer, queries, num_beams=num_beams, max_new_tokens=max_new_tokens,
+                        **extra)
+
+    def _sample(self, queries, max_new_tokens, temperature, extra):
+        import torch
+
+        from reformulation.data import format_source
+
+        device = next(self.model.parameters()).device
+        batch = self.tokenizer([format_source(q) for q in queries], return_tensors="pt", padding=True).to(device)
+        with torch.inference_mode():
+            ids = self.model.generate(**batch, do_sample=True, temperature=float(temperature), top_k=0,
+                                      max_new_tokens=max_new_tokens, **extra)
+        return [t.strip() for t in self.tokenizer.batch_decode(ids, skip_special_tokens=True)]
+
+    def stream(self, query, num_beams=1, max_new_tokens=64, temperature=0.0):
+        import torch
+        from transformers import StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer
+
+        from reformulation.data import format_source
+
+        self._require()
+        self._check_queries([query])
+        check_options(num_beams, max_new_tokens, temperature)
+        if num_beams > 1:
+            yield from self.generate([query], num_beams=num_beams, max_new_tokens=max_new_tokens)
+            return
+
+        cancel = threading.Event()
+
+        class Cancelled(StoppingCriteria):  # lets the consumer stop generation (chat: Ctrl-C)
+            def __call__(self, input_ids, scores, **kwargs):
+                return torch.full((input_ids.shape[0],), cancel.is_set(), dtype=torch.bool,
+                                  device=input_ids.device)
+
+        device = next(self.model.parameters()).device
+        batch = self.tokenizer([format_source(query)], return_tensors="pt").to(device)
+        streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True, timeout=600)
+        sampling = {"do_sample": True, "temperature": float(temperature), "top_k": 0} if temperature > 0 else \
+            {"do_sample": False}
+        failure = []
+
+        def run():
+            try:
+                with torch.inference_mode():
+                    self.model.generate(**batch, max_new_tokens=max_new_tokens, streamer=streamer,
+                                        stopping_criteria=StoppingCriteriaList([Cancelled()]), **sampling)
+            except Exception as err:  # surfaced in the consumer's thread below
+                failure.append(err)
+                streamer.end()
+
+        worker = threading.Thread(target=run, name="torch-stream", daemon=True)
+        worker.start()
+        try:
+            for piece in streamer:
+                if piece:
+                    yield piece
+        finally:
+            cancel.set()
+            worker.join()
+        if failure:
+            raise BackendError(f"generation failed ({type(failure[0]).__name__}: {_first_line(failure[0])})")
+
+    def _details(self):
+        import torch
+
+        config = self.model.config
+        return {"parameters": sum(p.numel() for p in self.model.parameters()),
+                "d_model": config.d_model, "layers": [config.num_layers, config.num_decoder_layers],
+                "int8_linear_layers": self.int8_modules,
+                "device": str(next(self.model.parameters()).device), "torch_threads": torch.get_num_threads()}
+
+
+def make_backend(name: str) -> Backend:
+    """A new, unloaded backend: "mlx", "torch-int8" (dynamic int8, CPU) or "torch" (float)."""
+    if name == "mlx":
+        return MLXBackend()
+    if name in ("torch-int8", "torch"):
+        return TorchBackend(quantize=name == "torch-int8")
+    raise BackendError(f"unknown backend {name!r} (choose {', '.join(BACKENDS)})")

@@ -1,0 +1,90 @@
+"""backends.py: the one interface chat.py and api.py serve through, on a tiny random-init T5."""
+
+import numpy as np
+import pytest
+
+from backends import BackendError, default_backend, make_backend
+from hf_models import save_model
+
+QUERIES = ["Who lived longer, Nikola Tesla or Milutin Milankovic?", "What is the capital of France?"]
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory, tokenizer_dir):
+    return save_model("odd-heads", tmp_path_factory.mktemp("backends") / "model", tokenizer_dir)
+
+
+@pytest.fixture(scope="module")
+def mlx_backend(model_dir):
+    return make_backend("mlx").load(model_dir)
+
+
+@pytest.mark.parametrize("name", ["mlx", "torch-int8"])
+def test_stream_joins_to_generate(model_dir, mlx_backend, name):
+    """What the REPL streams is what generate (the API, the JSON-lines mode) returns."""
+    backend = mlx_backend if name == "mlx" else make_backend(name).load(model_dir)
+    for query in QUERIES:
+        pieces = list(backend.stream(query, max_new_tokens=12))
+        assert len(pieces) > 1  # streamed, not one piece at the end
+        assert "".join(pieces).strip() == backend.generate([query], max_new_tokens=12)[0]
+    beam = list(backend.stream(QUERIES[0], num_beams=2, max_new_tokens=6))
+    assert beam == backend.generate([QUERIES[0]], num_beams=2, max_new_tokens=6)
+
+
+def test_torch_int8_quantizes_an_hf_folder(model_dir):
+    int8 = make_backend("torch-int8").load(model_dir)
+    info = int8.describe()
+    assert info["backend"] == "torch-int8" and info["dtype"] == "int8"
+    # encoder: 2 x (q,k,v,o + wi_0,wi_1,wo); decoder: 2 x (self q,k,v,o + cross q,k,v,o + FFN); lm_head
+    assert info["int8_linear_layers"] == 2 * (4 + 3) + 2 * (4 + 4 + 3) + 1
+    # ignore_eos (the benchmark switch) generates exactly max_new_tokens tokens
+    out = int8.generate(QUERIES, max_new_tokens=7, ignore_eos=True)
+    assert [len(int8.tokenizer(t, add_special_tokens=False)["input_ids"]) for t in out] == [7, 7]
+
+
+def test_mlx_ignore_eos_and_options(mlx_backend):
+    out = mlx_backend.generate(QUERIES, max_new_tokens=5, ignore_eos=True)
+    assert [len(mlx_backend.tokenizer(t, add_special_tokens=False)["input_ids"]) for t in out] == [5, 5]
+    with pytest.raises(BackendError, match="num_beams must be an integer >= 1"):
+        mlx_backend.generate(QUERIES, num_beams=0)
+    with pytest.raises(BackendError, match="do not mix"):
+        mlx_backend.generate(QUERIES, num_beams=2, temperature=0.5)
+    with pytest.raises(BackendError, match="not one string"):
+        mlx_backend.generate(QUERIES[0])
+    with pytest.raises(BackendError, match="query 1 is empty"):
+        mlx_backend.generate([QUERIES[0], "  "])
+
+
+def test_mlx_adapter_folder_is_fused_on_load(model_dir, mlx_backend, tmp_path):
+    import mlx.core as mx
+    import mlx_t5
+    from mlx.utils import tree_flatten
+    from mlx_t5.lora import apply_lora, fuse_lora, save_adapters
+
+    model, _ = mlx_t5.load(model_dir)
+    apply_lora(model, rank=4, alpha=8.0, targets="all")
+    # lora_b starts at zero (a no-op): make the adapter change the answers
+    rng = np.random.default_rng(0)
+    updates = [(k, mx.array(rng.normal(0, 0.5, v.shape).astype(np.float32)))
+               for k, v in tree_flatten(model.trainable_parameters()) if k.endswith("lora_b")]
+    model.load_weights(updates, strict=False)
+    save_adapters(model, tmp_path / "adapter", meta={"base_model": str(model_dir)})
+    want = mlx_t5.generate(fuse_lora(model), mlx_backend.tokenizer, QUERIES, max_new_tokens=8)
+
+    served = make_backend("mlx").load(tmp_path / "adapter")
+    got = served.generate(QUERIES, max_new_tokens=8)
+    assert got == [w.strip() for w in want]
+    assert got != mlx_backend.generate(QUERIES, max_new_tokens=8)  # the adapter did something
+
+
+def test_load_errors_are_backend_errors(model_dir, tmp_path):
+    with pytest.raises(BackendError, match="no config.json"):
+        make_backend("mlx").load(tmp_path)
+    (tmp_path / "quantization.json").write_text("{}")
+    with pytest.raises(BackendError, match="--backend torch-int8"):
+        make_backend("torch").load(tmp_path)
+    with pytest.raises(BackendError, match="unknown backend 'onnx'"):
+        make_backend("onnx")
+    with pytest.raises(BackendError, match="no model loaded"):
+        make_backend("mlx").generate(QUERIES)
+    assert default_backend() in ("mlx", "torch", "torch-int8")
