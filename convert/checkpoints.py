@@ -93,21 +93,11 @@ def read_weights(folder: PathLike) -> dict[str, mx.array]:
 
 
 def check_weights(model: nn.Module, weights: dict[str, mx.array], where: str):
-    """One ConvertError naming every unknown, missing and wrongly shaped tensor."""
-    expected = dict(tree_flatten(model.parameters()))
-    unknown = sorted(set(weights) - set(expected))
-    missing = sorted(set(expected) - set(weights))
-    shapes = [f"{k} {tuple(weights[k].shape)} != {tuple(v.shape)} from config.json"
-              for k, v in expected.items() if k in weights and weights[k].shape != v.shape]
-    problems = []
-    if unknown:
-        problems.append(f"unknown tensors ({len(unknown)}): {', '.join(unknown[:8])}")
-    if missing:
-        problems.append(f"missing tensors ({len(missing)}): {', '.join(missing[:8])}")
-    if shapes:
-        problems.append(f"shape mismatches ({len(shapes)}): {'; '.join(shapes[:8])}")
-    if problems:
-        raise ConvertError(f"{where}: " + " | ".join(problems))
+    """mlx_t5's one-message check of unknown, missing and wrongly shaped tensors, as a ConvertError."""
+    try:
+        mlx_t5.check_weights(model, weights)
+    except mlx_t5.LoadError as err:
+        raise ConvertError(f"{where}: {err}") from None
 
 
 def model_args(folder: PathLike) -> mlx_t5.ModelArgs:

@@ -3,7 +3,7 @@
 from . import _blas  # noqa: F401  (must run before the first `import mlx`)
 from .generation import generate, generate_tokens, stream_generate  # noqa: E402
 from .model import KVCache, Model, ModelArgs, loss_fn  # noqa: E402
-from .utils import LoadError, load, save  # noqa: E402
+from .utils import LoadError, check_weights, load, save  # noqa: E402
 
-__all__ = ["KVCache", "LoadError", "Model", "ModelArgs", "generate", "generate_tokens", "load", "loss_fn", "save",
-           "stream_generate"]
+__all__ = ["KVCache", "LoadError", "Model", "ModelArgs", "check_weights", "generate", "generate_tokens", "load",
+           "loss_fn", "save", "stream_generate"]

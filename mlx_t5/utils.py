@@ -82,13 +82,13 @@ def check_weights(model: nn.Module, weights: dict[str, mx.array]):
     expected = dict(tree_flatten(model.parameters()))
     missing = sorted(set(expected) - set(weights))
     unexpected = sorted(set(weights) - set(expected))
-    shapes = [f"{k}: checkpoint {tuple(weights[k].shape)} != model {tuple(v.shape)}"
+    shapes = [f"{k} {tuple(weights[k].shape)} != {tuple(v.shape)} from config.json"
               for k, v in expected.items() if k in weights and weights[k].shape != v.shape]
     problems = []
     if missing:
         problems.append(f"missing tensors ({len(missing)}): {', '.join(missing[:20])}")
     if unexpected:
-        problems.append(f"unexpected tensors ({len(unexpected)}): {', '.join(unexpected[:20])}")
+        problems.append(f"unknown tensors ({len(unexpected)}): {', '.join(unexpected[:20])}")
     if shapes:
         problems.append(f"shape mismatches ({len(shapes)}): {'; '.join(shapes[:20])}")
     if problems:
