@@ -30,7 +30,7 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from backends import BACKENDS, Backend, BackendError, default_backend, make_backend
+from backends import Backend, BackendError, add_model_args, default_backend, make_backend
 from reformulation.data import parse_subqueries
 
 
@@ -398,12 +398,7 @@ def create_app(backend: Backend, *, model: Optional[str] = None, load_options: O
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python api.py", description=__doc__.splitlines()[0])
-    parser.add_argument("--model", required=True, help="model folder (HF layout, int8 or adapter) or hub id")
-    parser.add_argument("--backend", choices=BACKENDS, default=None,
-                        help="inference backend (default: mlx on Apple Silicon, torch on CUDA, torch-int8 on "
-                             "other CPUs: the fastest measured, see docs/serving.md)")
-    parser.add_argument("--dtype", choices=["float32", "bfloat16"], default=None,
-                        help="weights dtype (default: as saved)")
+    add_model_args(parser)
     parser.add_argument("--threads", type=int, default=None,
                         help="CPU threads for the model (torch intra-op / OpenBLAS); default: the library's")
     parser.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1: this machine only)")

@@ -43,6 +43,16 @@ class BackendError(RuntimeError):
     """A model that cannot be loaded or options a backend cannot honour; the message says which."""
 
 
+def add_model_args(parser) -> None:
+    """The model flags chat.py and api.py share: --model, --backend, --dtype."""
+    parser.add_argument("--model", required=True, help="model folder (HF layout, int8 or adapter) or hub id")
+    parser.add_argument("--backend", choices=BACKENDS, default=None,
+                        help="inference backend (default: mlx on Apple Silicon, torch on CUDA, torch-int8 on "
+                             "other CPUs: the fastest measured, see docs/serving.md)")
+    parser.add_argument("--dtype", choices=["float32", "bfloat16"], default=None,
+                        help="weights dtype (default: as saved)")
+
+
 def _first_line(err: BaseException) -> str:
     text = str(err).strip()
     return text.splitlines()[0] if text else type(err).__name__

@@ -19,7 +19,7 @@ from pathlib import Path
 
 from rich.markup import escape
 
-from backends import BACKENDS, BackendError, check_options, default_backend, make_backend
+from backends import BACKENDS, BackendError, add_model_args, check_options, default_backend, make_backend
 from reformulation.data import parse_subqueries
 
 HISTORY_FILE = Path("~/.cache/query-reformulation/chat_history").expanduser()
@@ -241,12 +241,7 @@ def jsonl(chat: Chat, lines) -> int:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python chat.py", description=__doc__.splitlines()[0])
-    parser.add_argument("--model", required=True, help="model folder (HF layout, int8 or adapter) or hub id")
-    parser.add_argument("--backend", choices=BACKENDS, default=None,
-                        help="inference backend (default: mlx on Apple Silicon, torch on CUDA, torch-int8 on "
-                             "other CPUs: the fastest measured, see docs/serving.md)")
-    parser.add_argument("--dtype", choices=["float32", "bfloat16"], default=None,
-                        help="weights dtype (default: as saved)")
+    add_model_args(parser)
     parser.add_argument("--beams", type=int, default=1, help="num_beams (1 = greedy)")
     parser.add_argument("--max-new-tokens", type=int, default=64)
     parser.add_argument("--temperature", type=float, default=0.0, help="0 = deterministic")
