@@ -145,3 +145,24 @@ def test_pytorch_bin_checkpoint_loads(tmp_path, batch, tokenizer_dir):
     model, _ = mlx_t5.load(tmp_path, tokenizer=str(tokenizer_dir))
     got = np.array(model(mx.array(ids), mx.array(dec), mx.array(mask)))
     assert np.abs(got - hf_logits(hf, ids, mask, dec)).max() <= 1e-4
+
+
+def test_hub_id_that_cannot_be_fetched_is_a_clear_error(monkeypatch):
+    """A hub id goes through huggingface_hub; offline (as here and in CI) it fails with one message naming it."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(mlx_t5.LoadError, match="'no-such-org/flan-t5-nothing' is not a local folder"):
+        mlx_t5.load("no-such-org/flan-t5-nothing")
+
+
+def test_missing_and_misshapen_tensors_are_listed(tmp_path, tokenizer_dir):
+    from safetensors.numpy import load_file, save_file
+
+    folder = save_model("v1-relu-tied", tmp_path / "m", tokenizer_dir)
+    weights = load_file(folder / "model.safetensors")
+    del weights["decoder.final_layer_norm.weight"]
+    weights["encoder.final_layer_norm.weight"] = np.ones(3, np.float32)
+    save_file(weights, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(mlx_t5.LoadError) as err:
+        mlx_t5.load(folder)
+    assert "missing tensors (1): decoder.final_layer_norm.weight" in str(err.value)
+    assert "encoder.final_layer_norm.weight (3,) != (64,)" in str(err.value)
