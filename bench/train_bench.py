@@ -72,10 +72,10 @@ def shapes_first(batches: list[dict]) -> list[int]:
 
 
 def worker_mlx(model_dir: str, batches: list[dict], lr: float, dropout: float) -> dict:
+    import mlx_t5  # noqa: I001  (first: it preloads OpenBLAS before mlx)
     import mlx.core as mx
     import numpy as np
 
-    import mlx_t5
     from mlx_t5.model import loss_fn
     from mlx_t5.trainer import build_optimizer, make_step, set_dropout, to_mx
     from reformulation.config import TrainConfig

@@ -11,13 +11,10 @@ Writes OUTPUT_DIR/{final,best,checkpoint}/, metrics.jsonl, curves.png, summary.j
 
 import argparse
 import sys
-import warnings
-from pathlib import Path
 
 from reformulation.config import ConfigError, add_config_args, config_from_args, print_config
 from reformulation.data import DataError
 
-from . import _blas  # noqa: F401  (OpenBLAS before mlx)
 from .utils import LoadError
 
 
@@ -57,7 +54,6 @@ def main(argv=None) -> int:
     except (ConfigError, TrainError) as e:
         return fail(str(e))
     print_config(cfg, console)
-    warnings.filterwarnings("ignore", message=".*duplicate row.*")  # counted by `reformulation.data report`
     try:
         Trainer(cfg, console).train()
     except (ConfigError, DataError, LoadError, TrainError) as e:

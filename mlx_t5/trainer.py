@@ -1,7 +1,7 @@
 """The MLX fine-tuning loop: batching, optimizer and schedule, compiled step, evaluation, checkpoints, resume.
 
 `Trainer(cfg).train()` runs a whole job from a validated `reformulation.config.TrainConfig`;
-`python -m mlx_t5.train` is its command line. The pieces are importable on their own (`length_buckets`,
+`python -m mlx_t5.train` is its command line. The pieces are importable on their own (`epoch_batches`,
 `collate`, `build_optimizer`, `build_schedule`, `make_step`, `evaluate`) for tests and benchmarks.
 
 Numerics follow transformers + torch.optim.AdamW: token-weighted mean cross-entropy over labels != -100
@@ -14,6 +14,7 @@ runs the forward and backward passes in bfloat16 (weights cast inside the step),
 import math
 import signal
 import time
+import warnings
 from dataclasses import asdict, dataclass, field
 from functools import partial
 from pathlib import Path
@@ -26,7 +27,7 @@ import numpy as np
 from mlx.utils import tree_flatten, tree_map, tree_map_with_path
 
 from reformulation.config import TrainConfig
-from reformulation.data import Example, load_examples, make_splits, shift_right, tokenize
+from reformulation.data import DuplicateRowsWarning, load_examples, make_splits, shift_right, tokenize
 from reformulation.io import atomic_dir, atomic_write_json, atomic_write_text
 from reformulation.metrics import score
 from reformulation.reporting import MetricsLog, plot_curves, read_metrics, summary_table
@@ -37,7 +38,7 @@ from .lora import CONFIG_FILE as ADAPTER_CONFIG, adapter_config, adapter_weights
 from .lora import ADAPTER_FILE, load_adapters
 from .model import Block, Model, loss_fn
 from .quantize import quantize_model
-from .utils import DTYPES, LoadError, load, load_tokenizer, model_config, save
+from .utils import DTYPES, load, load_tokenizer, model_config, save
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_TOKENIZER = REPO_ROOT.parent / "shared" / "tokenizers" / "flan-t5-small"
@@ -435,6 +436,14 @@ class TrainState:
         return rouge_l == self.best_rouge_l and loss < self.best_eval_loss
 
 
+def adapter_meta(cfg: TrainConfig, base: Optional[str]) -> dict:
+    """adapter_config.json extras: the base and, for QLoRA, how to quantize it before loading the adapters."""
+    meta = {"base_model": base, "lora_parameters": {"targets": cfg.lora_targets}}
+    if cfg.quantize_base:
+        meta["base_quantization"] = {"bits": cfg.quantize_base, "group_size": 64}
+    return meta
+
+
 def save_checkpoint(folder: Path, model: Model, optimizer: optim.Optimizer, state: TrainState, cfg: TrainConfig,
                     total_steps: int, base: Optional[str]):
     """Everything a resume needs, written to a temp folder and renamed over `folder` (never half-written)."""
@@ -448,7 +457,7 @@ def save_checkpoint(folder: Path, model: Model, optimizer: optim.Optimizer, stat
     with atomic_dir(folder) as tmp:
         if cfg.lora:
             mx.save_safetensors(str(tmp / ADAPTER_FILE), adapter_weights(model), metadata={"format": "mlx"})
-            atomic_write_json(tmp / ADAPTER_CONFIG, adapter_config(model, {"base_model": base}))
+            atomic_write_json(tmp / ADAPTER_CONFIG, adapter_config(model, adapter_meta(cfg, base)))
         else:
             mx.save_safetensors(str(tmp / "model.safetensors"), dict(tree_flatten(model.parameters())),
                                 metadata={"format": "pt"})
@@ -548,7 +557,11 @@ class Trainer:
 
     def _load_data(self, tokenizer):
         cfg = self.cfg
-        examples = load_examples(cfg.data, normalize=cfg.normalize)
+        with warnings.catch_warnings(record=True) as caught:  # duplicate rows: a note, not a warning trace
+            warnings.simplefilter("always", DuplicateRowsWarning)
+            examples = load_examples(cfg.data, normalize=cfg.normalize)
+        for w in caught:
+            self.console.print(f"[yellow]note:[/] {w.message}", highlight=False, soft_wrap=True)
         splits = make_splits(examples, cfg.split, cfg.split_fractions, cfg.sample_fraction, cfg.seed)
         if not splits.train:
             raise TrainError(f"the train split is empty ({len(examples)} examples, split {cfg.split}, "
@@ -599,13 +612,15 @@ class Trainer:
 
         trainable, total_params = (sum(v.size for _, v in tree_flatten(p))
                                    for p in (model.trainable_parameters(), model.parameters()))
+        console.print(f"[bold]data[/]  train {len(train):,} | valid {len(splits.valid):,} (eval on {len(valid):,}) | "
+                      f"test {len(test):,} ({cfg.split} split)", soft_wrap=True)
         console.print(
-            f"[bold]data[/] train {len(train):,} | valid {len(splits.valid):,} (eval on {len(valid):,}) | "
-            f"test {len(test):,} ({cfg.split} split)   [bold]model[/] {cfg.model or cfg.init}: "
-            f"{total_params / 1e6:,.1f}M parameters, {trainable / 1e6:,.2f}M trainable"
+            f"[bold]model[/] {cfg.model or cfg.init}: {total_params / 1e6:,.1f}M parameters, "
+            f"{trainable / 1e6:,.2f}M trainable"
             + (f" (LoRA r={cfg.lora_rank} on {len(targets)} layers"
                + (f", {cfg.quantize_base}-bit base)" if cfg.quantize_base else ")") if cfg.lora else "")
-            + f"   [bold]steps[/] {total_steps:,} ({per_epoch:,}/epoch)")
+            + f"   [bold]steps[/] {total_steps:,} ({per_epoch:,}/epoch, batch {cfg.batch_size} x {cfg.grad_accum})",
+            soft_wrap=True)
         if resume is not None:
             console.print(f"[bold]resuming[/] {resume} at step {state.step:,} (epoch {state.epoch}, "
                           f"batch {state.batch_index})")
@@ -742,7 +757,7 @@ class Trainer:
                             f"peak {record['peak_memory_gb']:.2f} GB")
                     progress.update(task, info=info)
                     if live_log:
-                        console.print(f"step {state.step}/{total_steps}  {info}", highlight=False)
+                        console.print(f"step {state.step}/{total_steps}  {info}", highlight=False, soft_wrap=True)
                     window = {"loss": mx.array(0.0), "tokens": mx.array(0), "samples": 0, "real_tokens": 0,
                               "steps": 0, "time": 0.0}
                 progress.update(task, completed=state.step)
@@ -758,7 +773,7 @@ class Trainer:
                     return "signal"
                 if deadline is not None and time.perf_counter() > deadline and not last:
                     console.print(f"[yellow]time budget of {cfg.max_minutes:g} min spent at step "
-                                  f"{state.step:,}/{total_steps:,}: stopping[/]")
+                                  f"{state.step:,}/{total_steps:,}: stopping[/]", soft_wrap=True)
                     return "time"
         return None
 
@@ -777,7 +792,8 @@ class Trainer:
         self.console.print(
             f"[bold]eval[/] step {state.step:,}: loss {metrics['eval_loss']:.4f}  rouge_l {metrics['eval_rouge_l']:.4f}  "
             f"exact {metrics['eval_exact_match']:.4f}  subquery_f1 {metrics['eval_subquery_f1']:.4f}  "
-            f"({metrics['eval_runtime']:.1f} s)" + ("  [green]best[/]" if improved else ""), highlight=False)
+            f"({metrics['eval_runtime']:.1f} s)" + ("  [green]best[/]" if improved else ""), highlight=False,
+            soft_wrap=True)
         if improved:
             state.best_rouge_l, state.best_eval_loss = metrics["eval_rouge_l"], metrics["eval_loss"]
             state.best_step = state.step
@@ -793,8 +809,7 @@ class Trainer:
         if self.cfg.lora:
             from .lora import save_adapters
 
-            save_adapters(model, folder, {"base_model": self._lora_base(ctx),
-                                          "lora_parameters": {"targets": self.cfg.lora_targets}})
+            save_adapters(model, folder, adapter_meta(self.cfg, self._lora_base(ctx)))
         else:
             save(model, ctx["tokenizer"], folder)
 
@@ -841,7 +856,10 @@ class Trainer:
             if state.best_step is not None and state.best_step != state.step:  # score the kept model
                 self._load_best(ctx)
             summary["test_model_step"] = state.best_step if state.best_step is not None else state.step
-            with console.status(f"scoring the test split ({len(test):,} examples)"):
+            message = f"scoring the test split ({len(test):,} examples) with the model of step {summary['test_model_step']}"
+            if not console.is_terminal:
+                console.print(message, highlight=False, soft_wrap=True)
+            with console.status(message):
                 test_metrics = evaluate(model, ctx["tokenizer"], test, cfg, prefix="test")
             log.log({"step": state.step, **test_metrics})
             summary.update({k: v for k, v in test_metrics.items() if k in (
@@ -874,4 +892,4 @@ def train(cfg: TrainConfig, console=None) -> dict:
 
 __all__ = ["TrainError", "Trainer", "TrainState", "build_model", "build_optimizer", "build_schedule", "bucket",
            "collate", "epoch_batches", "evaluate", "make_step", "predict", "save_checkpoint", "restore_checkpoint",
-           "train", "LoadError", "Example"]
+           "train"]
