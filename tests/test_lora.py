@@ -180,8 +180,10 @@ def test_qlora_8bit_trains_and_its_adapters_load_back(workdir, batch, tmp_path):
     Trainer(lora_config(workdir, out, quantize_base=8), Console(file=io.StringIO())).train()
     assert np.mean(losses(out)[-3:]) < np.mean(losses(out)[:3])
 
+    config = json.loads((out / "final" / "adapter_config.json").read_text())
+    assert config["base_quantization"] == {"bits": 8, "group_size": 64}
     base = mlx_t5.load(workdir / "model")[0]
-    quantize_model(base, bits=8, group_size=64)
+    quantize_model(base, **config["base_quantization"])
     assert any(isinstance(m, nn.QuantizedLinear) for _, m in base.named_modules())
     before = logits(base, batch)
     load_adapters(base, out / "final")

@@ -217,10 +217,12 @@ def test_overfits_32_examples_and_saves_a_loadable_checkpoint(workdir, tmp_path,
     assert np.abs(got - want).max() <= 1e-3 * np.abs(want).max()
 
 
-def test_resume_after_a_kill_equals_the_uninterrupted_run(workdir, tmp_path):
+@pytest.mark.parametrize("optimizer", ["adamw", "adafactor"])
+def test_resume_after_a_kill_equals_the_uninterrupted_run(workdir, tmp_path, optimizer):
     """Dropout on (the RNG must be restored), an epoch boundary inside, a checkpoint at 4 and a kill after
     step 6: resuming from the checkpoint replays 5 and 6 and the losses of all 14 steps are the same."""
-    common = dict(max_steps=14, batch_size=8, dropout=0.1, save_every=4, lr_schedule="cosine", warmup_steps=2)
+    common = dict(max_steps=14, batch_size=8, dropout=0.1, save_every=4, lr_schedule="cosine", warmup_steps=2,
+                  optimizer=optimizer, weight_decay=0.01)
     full = run(config(workdir, tmp_path / "full", **common))
     killed = config(workdir, tmp_path / "killed", **common)
     assert run(killed, stop_after=6)["stopped"] == "killed"
