@@ -5,6 +5,19 @@ from pathlib import Path
 import torch
 from transformers import T5Config, T5ForConditionalGeneration
 
+# A padded batch of real-looking queries of very different lengths (one with a macron: normalisation).
+QUERIES = [
+    "Who lived longer, Nikola Tesla or Milutin Milankovic?",
+    "capital of France",
+    "Which came first: the invention of the telephone or the discovery of penicillin, and who was behind each?",
+    "Māori population of New Zealand",
+    "How tall is the Eiffel Tower?",
+    "What do the founders of Apple, Microsoft and Google have in common?",
+    "rain",
+    "Compare the GDP of Japan and Germany in 2020",
+    "Is the Amazon river longer than the Nile?",
+]
+
 VOCAB = 32128  # Flan-T5's embedding rows (tokenizer has 32,100 ids)
 
 # name -> T5Config kwargs. Small enough for CI, covering every code path of the model.

@@ -9,24 +9,13 @@ import mlx.nn as nn
 import numpy as np
 import pytest
 import torch
-from hf_models import SHAPES, make_model
+from hf_models import QUERIES, SHAPES, make_model
 
 import mlx_t5
 from reformulation.data import format_source
 
 ROOT = Path(__file__).resolve().parents[1]
 
-QUERIES = [
-    "Who lived longer, Nikola Tesla or Milutin Milankovic?",
-    "capital of France",
-    "Which came first: the invention of the telephone or the discovery of penicillin, and who was behind each?",
-    "Māori population of New Zealand",
-    "How tall is the Eiffel Tower?",
-    "What do the founders of Apple, Microsoft and Google have in common?",
-    "rain",
-    "Compare the GDP of Japan and Germany in 2020",
-    "Is the Amazon river longer than the Nile?",
-]
 EOS = 1
 
 # A random model almost never picks EOS. Scaling its output row makes EOS win at different steps for

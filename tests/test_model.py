@@ -6,24 +6,13 @@ import mlx.core as mx
 import numpy as np
 import pytest
 import torch
-from hf_models import SHAPES, make_model, save_model
+from hf_models import QUERIES, SHAPES, make_model, save_model
 from transformers import T5ForConditionalGeneration
 from transformers.models.t5.modeling_t5 import T5Attention
 
 import mlx_t5
 from mlx_t5.model import relative_position_bucket
 
-QUERIES = [
-    "Who lived longer, Nikola Tesla or Milutin Milankovic?",
-    "capital of France",
-    "Which came first: the invention of the telephone or the discovery of penicillin, and who was behind each?",
-    "Māori population of New Zealand",
-    "How tall is the Eiffel Tower?",
-    "What do the founders of Apple, Microsoft and Google have in common?",
-    "rain",
-    "Compare the GDP of Japan and Germany in 2020",
-    "Is the Amazon river longer than the Nile?",
-]
 TARGETS = ["Nikola Tesla lifespan|Milutin Milankovic lifespan", "capital of France", "telephone invention|penicillin discovery",
            "Maori population New Zealand", "Eiffel Tower height", "Apple founders|Microsoft founders|Google founders",
            "rain", "Japan GDP 2020|Germany GDP 2020", "Amazon river length|Nile length"]
