@@ -114,12 +114,13 @@ def _load_adapter(adapter_dir: Path, torch_dtype):
 
 @torch.inference_mode()
 def generate(model, tokenizer, queries, *, num_beams: int = 1, max_new_tokens: int = 64, batch_size: int = 32,
-             normalize: bool = True, **generate_kwargs) -> list[str]:
+             normalize: bool = True, fast: bool = True, **generate_kwargs) -> list[str]:
     """Subquery strings ("a|b|c") for each query, in input order.
 
     Applies ``format_source`` (the training prompt), sorts by length so each padded batch wastes
     little, and decodes greedily (``num_beams=1``) or with beam search. Extra keyword arguments go
-    to ``model.generate`` (e.g. ``length_penalty``).
+    to ``model.generate`` (e.g. ``length_penalty``). Greedy decoding of a T5 on the CPU runs through
+    ``torch_t5.greedy`` (same tokens, ~1.6x faster at batch 1) unless ``fast=False``.
     """
     if isinstance(queries, str):
         raise InferError("queries must be a list of strings, not one string")
@@ -130,13 +131,20 @@ def generate(model, tokenizer, queries, *, num_beams: int = 1, max_new_tokens: i
     sources = [format_source(q, normalize=normalize) for q in queries]
     lengths = [len(ids) for ids in tokenizer(sources)["input_ids"]]
     order = sorted(range(len(sources)), key=lambda i: -lengths[i])
+    from .greedy import decoder_for, supported as greedy_supported  # greedy -> quantize -> infer: import late
+
     device = next(model.parameters()).device
+    greedy = fast and num_beams == 1 and set(generate_kwargs) <= {"min_new_tokens"} and greedy_supported(model)
     out = [""] * len(sources)
     for start in range(0, len(order), batch_size):
         idx = order[start : start + batch_size]
         batch = tokenizer([sources[i] for i in idx], return_tensors="pt", padding=True).to(device)
-        ids = model.generate(**batch, num_beams=num_beams, max_new_tokens=max_new_tokens, do_sample=False,
-                             **generate_kwargs)
+        if greedy:
+            ids = decoder_for(model)(batch["input_ids"], batch["attention_mask"], max_new_tokens=max_new_tokens,
+                                     min_new_tokens=generate_kwargs.get("min_new_tokens", 0))
+        else:
+            ids = model.generate(**batch, num_beams=num_beams, max_new_tokens=max_new_tokens, do_sample=False,
+                                 **generate_kwargs)
         for i, text in zip(idx, tokenizer.batch_decode(ids, skip_special_tokens=True)):
             out[i] = text.strip()
     return out

@@ -1,0 +1,102 @@
+"""torch_t5.greedy: the written-out greedy loop gives model.generate's tokens (fp32 and int8, all shapes)."""
+
+import pytest
+import torch
+
+from hf_models import QUERIES, SHAPES, make_model
+from torch_t5 import infer
+from torch_t5.greedy import GreedyDecoder, decoder_for, supported
+from torch_t5.quantize import quantize_model
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def batch_of(tokenizer, queries=QUERIES):
+    return tokenizer(queries, return_tensors="pt", padding=True)
+
+
+def hf_generate(model, batch, **kwargs):
+    # transformers 5.24's cache fails when the decoder is deeper than the encoder (IndexError)
+    use_cache = model.config.num_decoder_layers <= model.config.num_layers
+    with torch.inference_mode():
+        return model.generate(**batch, do_sample=False, num_beams=1, use_cache=use_cache, **kwargs)
+
+
+def ending_model(shape: str, int8: bool, batch):
+    """A random model that ends some rows early: a token that some rows generate and others never
+    does becomes EOS's twin (its head row, scaled up 5%), so EOS wins wherever that token would have."""
+    model = make_model(shape, seed=1)
+    if int8:
+        quantize_model(model)
+    generated = hf_generate(model, batch, max_new_tokens=24)[:, 1:]
+    for token in generated.unique().tolist():
+        rows = (generated == token).any(dim=1)
+        if rows.any() and not rows.all():
+            break
+    eos, head = model.config.eos_token_id, model.lm_head
+    with torch.no_grad():
+        if int8:
+            head.weight[eos], head.weight_scale[eos] = head.weight[token], head.weight_scale[token] * 1.05
+        else:
+            head.weight[eos] = head.weight[token] * 1.05
+    return model
+
+
+@pytest.mark.parametrize("int8", [False, True], ids=["fp32", "int8"])
+@pytest.mark.parametrize("shape", list(SHAPES))
+def test_same_tokens_as_generate(shape, int8, tokenizer):
+    batch = batch_of(tokenizer)
+    model = ending_model(shape, int8, batch)
+    expected = hf_generate(model, batch, max_new_tokens=24)
+    eos = model.config.eos_token_id
+    ended = (expected == eos).any(dim=1)
+    assert ended.any() and not ended.all(), expected  # not vacuous: some rows end early, some run on
+    got = GreedyDecoder(model)(batch["input_ids"], batch["attention_mask"], max_new_tokens=24)
+    assert got.shape == expected.shape
+    assert torch.equal(got, expected)
+
+    # min_new_tokens masks EOS until then: exactly that many tokens, like generate(min_new_tokens=...)
+    expected = hf_generate(model, batch, max_new_tokens=16, min_new_tokens=16)
+    got = GreedyDecoder(model)(batch["input_ids"], batch["attention_mask"], max_new_tokens=16, min_new_tokens=16)
+    assert got.shape == (len(QUERIES), 17) and torch.equal(got, expected)
+
+
+def test_steps_stream_and_stop(tokenizer):
+    model = make_model("odd-heads")
+    batch = batch_of(tokenizer, QUERIES[:1])
+    decoder = GreedyDecoder(model)
+    full = decoder(batch["input_ids"], max_new_tokens=12)
+    streamed = [ids.clone() for ids in decoder.steps(batch["input_ids"], max_new_tokens=12)]
+    assert torch.equal(torch.stack(streamed, dim=1), full[:, 1:])
+    seen = []
+    stopped = decoder(batch["input_ids"], max_new_tokens=12, on_token=lambda ids: seen.append(ids) or len(seen) < 3)
+    assert stopped.shape == (1, 4) and torch.equal(stopped, full[:, :4])
+
+
+def test_supported_only_where_the_loop_is_exact():
+    model = make_model("odd-heads")
+    assert supported(model)
+    assert decoder_for(model) is decoder_for(model)  # built once per model
+    model.generation_config.repetition_penalty = 1.3  # generate() would add a processor the loop lacks
+    assert not supported(model)
+    assert not supported(make_model("odd-heads").train())
+    with pytest.raises(ValueError, match="eval mode"):
+        GreedyDecoder(make_model("odd-heads").train())
+
+
+def test_infer_generate_fast_equals_generate(tokenizer):
+    queries = QUERIES[:4]
+    model = ending_model("flan-small", True, batch_of(tokenizer, queries))
+    fast = infer.generate(model, tokenizer, queries, max_new_tokens=20)
+    slow = infer.generate(model, tokenizer, queries, max_new_tokens=20, fast=False)
+    assert fast == slow and any(fast)
+    model.generation_config.repetition_penalty = 1.3  # falls back to generate(), which applies it
+    penalised = infer.generate(model, tokenizer, queries, max_new_tokens=20)
+    assert penalised == infer.generate(model, tokenizer, queries, max_new_tokens=20, fast=False)
+    assert penalised != fast

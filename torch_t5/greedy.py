@@ -1,0 +1,181 @@
+"""Greedy decoding for CPU serving, with the decoder step written out.
+
+At batch 1, transformers' ``generate`` spends more time in its own machinery (cache objects, mask
+building, logits processors, ~15 small ops per int8 projection) than flan-t5-small spends in its
+matmuls. This loop runs the same computation in fewer, larger operations: q/k/v and wi_0/wi_1 as one
+matmul each, the cross-attention K/V once per request, a preallocated self-attention cache, the
+decoder position bias built once. It returns what ``model.generate(num_beams=1, do_sample=False)``
+returns, for fp32 models and for the int8 models of ``torch_t5.quantize`` (whose fused projections
+are bit-identical: the activation scale of a row does not depend on which weights follow).
+
+    from torch_t5.greedy import GreedyDecoder
+    decoder = GreedyDecoder(model)          # once per model
+    ids = decoder(input_ids, attention_mask, max_new_tokens=64)   # like model.generate(...)
+"""
+
+import weakref
+from typing import Callable, Iterator, Optional
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from .quantize import Int8Linear
+
+
+# generation_config fields that make generate() add a logits processor this loop does not have
+_PROCESSORS = {"repetition_penalty": 1.0, "encoder_repetition_penalty": 1.0, "no_repeat_ngram_size": 0,
+               "encoder_no_repeat_ngram_size": 0, "bad_words_ids": None, "forced_bos_token_id": None,
+               "forced_eos_token_id": None, "suppress_tokens": None, "begin_suppress_tokens": None,
+               "sequence_bias": None, "min_length": 0, "exponential_decay_length_penalty": None,
+               "renormalize_logits": False}
+_DECODERS: "weakref.WeakKeyDictionary[nn.Module, GreedyDecoder]" = weakref.WeakKeyDictionary()
+
+
+def supported(model: nn.Module) -> bool:
+    """Whether GreedyDecoder reproduces model.generate(num_beams=1, do_sample=False) for this model:
+    a T5 on the CPU in eval mode, plain Linear / Int8Linear projections, no extra logits processors."""
+    gen = getattr(model, "generation_config", None)
+    if model.training or getattr(model.config, "model_type", None) != "t5" or gen is None:
+        return False
+    if any(p.device.type != "cpu" for p in model.parameters()):
+        return False
+    if any(getattr(gen, name, default) not in (default, None) for name, default in _PROCESSORS.items()):
+        return False
+    linears = [m for m in model.decoder.modules() if isinstance(m, (nn.Linear, Int8Linear))]
+    return all(isinstance(m, Int8Linear) or (type(m) is nn.Linear and m.bias is None) for m in linears)
+
+
+def decoder_for(model: nn.Module) -> "GreedyDecoder":
+    """The model's GreedyDecoder, built on first use (it fuses copies of the projection weights)."""
+    if model not in _DECODERS:
+        _DECODERS[model] = GreedyDecoder(model)
+    return _DECODERS[model]
+
+
+class _Projection:
+    """Linear or Int8Linear layers that read the same input, applied as one matmul (outputs concatenated)."""
+
+    def __init__(self, *layers: nn.Module):
+        self.int8 = all(isinstance(layer, Int8Linear) for layer in layers)
+        if not self.int8 and not all(type(layer) is nn.Linear and layer.bias is None for layer in layers):
+            raise TypeError(f"GreedyDecoder supports bias-free nn.Linear or Int8Linear, got {layers}")
+        self.weight = torch.cat([layer.weight.detach() for layer in layers])
+        self.weight_t = self.weight.t()
+        self.scale = torch.cat([layer.weight_scale for layer in layers]) if self.int8 else None
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.int8:
+            return F.linear(x, self.weight)
+        # Int8Linear.forward's arithmetic, op for op (same values), without its reshapes and clamp:
+        # |x / x_scale| <= 127 by construction of the scale
+        x_scale = x.abs().amax(dim=-1, keepdim=True).clamp(min=1e-12) / 127.0
+        xq = torch.round(x / x_scale).to(torch.int8)
+        return torch._int_mm(xq, self.weight_t).float() * x_scale * self.scale
+
+
+class GreedyDecoder:
+    """Greedy search for a T5ForConditionalGeneration in eval mode (fp32, or int8 from torch_t5.quantize).
+
+    Built once per model; holds views of its weights (fused copies of the small projections).
+    Not thread safe: one decoder per worker thread.
+    """
+
+    def __init__(self, model: nn.Module):
+        config = model.config
+        if model.training:
+            raise ValueError("GreedyDecoder needs a model in eval mode (dropout off)")
+        self.model = model
+        self.config = config
+        self.heads, self.d_kv = config.num_heads, config.d_kv
+        self.layers = []
+        for block in model.decoder.block:
+            self_attn, cross, ffn = block.layer[0], block.layer[1], block.layer[2]
+            sa, ca, ff = self_attn.SelfAttention, cross.EncDecAttention, ffn.DenseReluDense
+            gated = hasattr(ff, "wi_0")
+            self.layers.append({
+                "norm0": self_attn.layer_norm, "qkv": _Projection(sa.q, sa.k, sa.v), "o": _Projection(sa.o),
+                "norm1": cross.layer_norm, "cq": _Projection(ca.q), "ckv": _Projection(ca.k, ca.v),
+                "co": _Projection(ca.o),
+                "norm2": ffn.layer_norm, "wi": _Projection(ff.wi_0, ff.wi_1) if gated else _Projection(ff.wi),
+                "wo": ff.wo, "act": ff.act, "gated": gated,
+            })
+        gen = model.generation_config
+        eos = gen.eos_token_id if gen.eos_token_id is not None else config.eos_token_id
+        self.eos = torch.tensor(eos if isinstance(eos, (list, tuple)) else [eos])
+        self.pad = gen.pad_token_id if gen.pad_token_id is not None else config.pad_token_id
+        self.start = gen.decoder_start_token_id if gen.decoder_start_token_id is not None else \
+            config.decoder_start_token_id
+        self.bias_table = model.decoder.block[0].layer[0].SelfAttention
+        self._bias = torch.empty(0)
+
+    def _position_bias(self, length: int) -> torch.Tensor:
+        """(1, heads, length, length) decoder self-attention bias, grown on demand and kept."""
+        if self._bias.shape[-1] < length:
+            self._bias = self.bias_table.compute_bias(length, length)
+        return self._bias
+
+    @torch.inference_mode()
+    def __call__(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None,
+                 max_new_tokens: int = 64, min_new_tokens: int = 0,
+                 on_token: Optional[Callable[[torch.Tensor], bool]] = None) -> torch.Tensor:
+        """(batch, 1 + generated) token ids, the decoder start token first, rows that ended padded with
+        pad_token_id: model.generate's output. EOS cannot be chosen before min_new_tokens tokens.
+        on_token(next_ids) is called after each step; returning False stops (streaming, cancel)."""
+        tokens = [torch.full((input_ids.shape[0],), self.start, dtype=torch.long)]
+        for next_ids in self.steps(input_ids, attention_mask, max_new_tokens, min_new_tokens):
+            tokens.append(next_ids)
+            if on_token is not None and on_token(next_ids) is False:
+                break
+        return torch.stack(tokens, dim=1)
+
+    @torch.inference_mode()
+    def steps(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None,
+              max_new_tokens: int = 64, min_new_tokens: int = 0) -> Iterator[torch.Tensor]:
+        """Yield the (batch,) next token ids step by step until every row has produced EOS."""
+        config, model = self.config, self.model
+        B, H, D = input_ids.shape[0], self.heads, self.d_kv
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        memory = model.encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        S = memory.shape[1]
+        # additive padding mask over the encoder positions (T5's cross-attention has no position bias)
+        cross_bias = torch.zeros((B, 1, 1, S), dtype=memory.dtype)
+        cross_bias.masked_fill_(attention_mask[:, None, None, :] == 0, torch.finfo(memory.dtype).min)
+        flat = memory.reshape(B * S, -1)
+        cross_kv = [layer["ckv"](flat).view(B, S, 2, H, D).permute(2, 0, 3, 1, 4) for layer in self.layers]
+        cache = torch.zeros((len(self.layers), 2, B, H, max_new_tokens, D), dtype=memory.dtype)
+        self_bias = self._position_bias(max_new_tokens)
+
+        eos, pad = self.eos, self.pad
+        ids = torch.full((B,), self.start, dtype=torch.long)
+        unfinished = torch.ones(B, dtype=torch.bool)
+        rescale = getattr(config, "scale_decoder_outputs", config.tie_word_embeddings)
+        for t in range(max_new_tokens):
+            h = model.shared(ids)  # (B, d_model): one position per row
+            for i, layer in enumerate(self.layers):
+                q, k, v = layer["qkv"](layer["norm0"](h)).view(B, 3, H, 1, D).unbind(1)
+                cache[i, 0, :, :, t:t + 1] = k
+                cache[i, 1, :, :, t:t + 1] = v
+                attn = F.scaled_dot_product_attention(q, cache[i, 0, :, :, :t + 1], cache[i, 1, :, :, :t + 1],
+                                                      attn_mask=self_bias[:, :, t:t + 1, :t + 1], scale=1.0)
+                h = h + layer["o"](attn.reshape(B, H * D))
+                q = layer["cq"](layer["norm1"](h)).view(B, H, 1, D)
+                attn = F.scaled_dot_product_attention(q, cross_kv[i][0], cross_kv[i][1], attn_mask=cross_bias,
+                                                      scale=1.0)
+                h = h + layer["co"](attn.reshape(B, H * D))
+                x = layer["wi"](layer["norm2"](h))
+                x = layer["act"](x[:, :x.shape[1] // 2]) * x[:, x.shape[1] // 2:] if layer["gated"] else \
+                    layer["act"](x)
+                h = h + layer["wo"](x)
+            h = model.decoder.final_layer_norm(h)
+            if rescale:  # T5 v1.0 (tied head) scales the decoder output by d_model ** -0.5
+                h = h * (config.d_model ** -0.5)
+            logits = model.lm_head(h)
+            if t < min_new_tokens:
+                logits[:, eos] = float("-inf")
+            ids = torch.where(unfinished, logits.argmax(dim=-1), pad)
+            yield ids
+            unfinished &= ~torch.isin(ids, eos)
+            if not unfinished.any():
+                return
