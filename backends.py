@@ -319,6 +319,12 @@ class TorchBackend(Backend):
         if num_beams > 1:
             yield from self.generate([query], num_beams=num_beams, max_new_tokens=max_new_tokens)
             return
+        if temperature == 0:
+            from torch_t5.greedy import supported
+
+            if supported(self.model):
+                yield from self._stream_greedy(query, max_new_tokens)
+                return
 
         cancel = threading.Event()
 
@@ -354,6 +360,22 @@ class TorchBackend(Backend):
             worker.join()
         if failure:
             raise BackendError(f"generation failed ({type(failure[0]).__name__}: {_first_line(failure[0])})")
+
+    def _stream_greedy(self, query, max_new_tokens):
+        """torch_t5.greedy step by step, in this thread: stopping the iteration cancels it. Each step
+        decodes the whole prefix and yields the new suffix (SentencePiece spaces come out right)."""
+        from torch_t5.greedy import decoder_for
+
+        from reformulation.data import format_source
+
+        batch = self.tokenizer([format_source(query)], return_tensors="pt")
+        ids, text = [], ""
+        for step in decoder_for(self.model).steps(batch["input_ids"], batch["attention_mask"], max_new_tokens):
+            ids.append(int(step[0]))
+            new = self.tokenizer.decode(ids, skip_special_tokens=True).strip()
+            if new.startswith(text) and len(new) > len(text):
+                yield new[len(text):]
+                text = new
 
     def _details(self):
         import torch
