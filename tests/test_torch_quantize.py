@@ -45,6 +45,39 @@ def test_int8_linear_matches_float_linear():
     assert torch.equal(q(torch.zeros(2, 96)), linear.bias.expand(2, 40).detach())  # zero rows stay exact
 
 
+@pytest.mark.parametrize("kernel", ["fbgemm", "int_mm"])
+def test_int8_linear_rows_do_not_depend_on_their_batch(kernel, monkeypatch):
+    """Each row is quantized on its own with either kernel: a row alone gives bit for bit what it gives
+    inside a batch of very different rows (what lets the server batch requests without changing answers)."""
+    from torch_t5 import quantize
+
+    if kernel == "fbgemm" and not quantize._FBGEMM:
+        pytest.skip("fbgemm is not this CPU's quantized engine (x86 only); the _int_mm case covers the path")
+    monkeypatch.setattr(quantize, "_FBGEMM", kernel == "fbgemm")
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(96, 40, bias=False)
+    q = Int8Linear.from_linear(linear)
+    x = torch.randn(5, 96) * torch.tensor([[0.01], [1.0], [30.0], [1.0], [500.0]])  # ranges 5e4 apart
+    batched = q(x)
+    for i in range(len(x)):
+        assert torch.equal(q(x[i:i + 1]), batched[i:i + 1])
+    expected = linear(x)
+    assert ((batched - expected).norm(dim=1) / expected.norm(dim=1)).max().item() < 0.02
+    fused = Int8Linear.concat([q, Int8Linear.from_linear(torch.nn.Linear(96, 8, bias=False))])
+    assert torch.equal(fused(x)[:, :40], batched)  # q/k/v fused into one matmul: same values
+
+
+def test_int8_linear_repacks_after_in_place_change():
+    torch.manual_seed(0)
+    q = Int8Linear.from_linear(torch.nn.Linear(32, 16, bias=False))
+    x = torch.randn(2, 32)
+    before = q(x)
+    with torch.no_grad():
+        q.weight_scale[3] *= 2  # e.g. a test or a tool editing the loaded weights
+    after = q(x)
+    assert torch.allclose(after[:, 3], 2 * before[:, 3]) and torch.equal(after[:, 4:], before[:, 4:])
+
+
 @pytest.mark.parametrize("shape", ["odd-heads", "v1-relu-tied"])
 def test_quantize_save_load_round_trip(shape, tmp_path, tokenizer_dir, capsys):
     src = save_model(shape, tmp_path / "fp32", tokenizer_dir)
