@@ -1,5 +1,8 @@
 """Greedy decoding latency at batch 1: MLX fp32 / bf16 / q8 / q4 against torch fp32 / int8, same weights.
 
+torch-fp32 / torch-int8 decode with torch_t5.greedy (what api.py and chat.py run); torch-*-generate
+decode the same models with transformers' generate, the baseline of the ratios.
+
     python bench/latency_bench.py                          # flan-t5-small shape, random init
     python bench/latency_bench.py --repeats 15 --backends mlx-fp32 mlx-q8 torch-fp32
     python bench/latency_bench.py --model runs/base/final  # a trained checkpoint instead
@@ -34,7 +37,9 @@ from reformulation.io import atomic_write_json  # noqa: E402
 SHARED = ROOT.parent / "shared"
 TOKENIZER = SHARED / "tokenizers" / "flan-t5-small"
 QUERY = "Who lived longer, Nikola Tesla or Milutin Milankovic, and which of them was born in the Austrian Empire?"
-BACKENDS = ("mlx-fp32", "mlx-bf16", "mlx-q8", "mlx-q4", "torch-fp32", "torch-int8")
+# torch-*: torch_t5.greedy (what api.py / chat.py run); torch-*-generate: transformers' generate, same model
+BACKENDS = ("mlx-fp32", "mlx-bf16", "mlx-q8", "mlx-q4", "torch-fp32", "torch-int8", "torch-fp32-generate",
+            "torch-int8-generate")
 
 
 def input_ids(tokenizer, length: int) -> list[int]:
@@ -71,18 +76,24 @@ def mlx_runner(folder: Path, backend: str, ids: list[int], new_tokens: int):
 def torch_runner(model, backend: str, ids: list[int], new_tokens: int):
     import torch
 
-    if backend == "torch-int8":
+    from torch_t5.greedy import GreedyDecoder
+
+    if backend.startswith("torch-int8"):
         from torch_t5.quantize import quantize_model
 
         model = copy.deepcopy(model)
         quantize_model(model)
     x = torch.tensor([ids])
     mask = torch.ones_like(x)
+    greedy = None if backend.endswith("-generate") else GreedyDecoder(model)
 
     def run():
         with torch.inference_mode():
-            out = model.generate(input_ids=x, attention_mask=mask, max_new_tokens=new_tokens,
-                                 min_new_tokens=new_tokens, do_sample=False, num_beams=1)
+            if greedy is None:
+                out = model.generate(input_ids=x, attention_mask=mask, max_new_tokens=new_tokens,
+                                     min_new_tokens=new_tokens, do_sample=False, num_beams=1)
+            else:
+                out = greedy(x, mask, max_new_tokens=new_tokens, min_new_tokens=new_tokens)
         assert out.shape[1] == new_tokens + 1, out.shape  # + decoder_start_token_id
 
     return run
@@ -146,13 +157,13 @@ def main(argv=None) -> int:
             results.append({"backend": backend, "ms_per_query": median, "ms_per_token": median / args.new_tokens,
                             "min_ms": min(t), "max_ms": max(t), "runs_ms": t})
 
-    base = next((r["ms_per_query"] for r in results if r["backend"] == "torch-fp32"), None)
+    base = next((r["ms_per_query"] for r in results if r["backend"] == "torch-fp32-generate"), None)
     table = Table(title=f"batch 1, {args.input_tokens} tokens in -> {args.new_tokens} out, median of {args.repeats}")
-    for column in ("backend", "ms/query", "ms/token", "min-max ms", "vs torch fp32"):
+    for column in ("backend", "ms/query", "ms/token", "min-max ms", "vs torch fp32 generate"):
         table.add_column(column, justify="left" if column == "backend" else "right")
     for r in results:
-        r["vs_torch_fp32"] = r["ms_per_query"] / base if base else None
-        ratio = f"{r['vs_torch_fp32']:.2f}x" if base else "-"
+        r["vs_torch_fp32_generate"] = r["ms_per_query"] / base if base else None
+        ratio = f"{r['vs_torch_fp32_generate']:.2f}x" if base else "-"
         table.add_row(r["backend"], f"{r['ms_per_query']:.1f}", f"{r['ms_per_token']:.2f}",
                       f"{r['min_ms']:.0f}-{r['max_ms']:.0f}", ratio)
     console.print(table)
