@@ -86,6 +86,7 @@ def test_supported_only_where_the_loop_is_exact():
     model.generation_config.repetition_penalty = 1.3  # generate() would add a processor the loop lacks
     assert not supported(model)
     assert not supported(make_model("odd-heads").train())
+    assert not supported(make_model("odd-heads").to(torch.bfloat16))
     with pytest.raises(ValueError, match="eval mode"):
         GreedyDecoder(make_model("odd-heads").train())
 

@@ -35,12 +35,13 @@ _DECODERS: "weakref.WeakKeyDictionary[nn.Module, GreedyDecoder]" = weakref.WeakK
 
 def supported(model: nn.Module) -> bool:
     """Whether GreedyDecoder reproduces model.generate(num_beams=1, do_sample=False) for this model:
-    a T5 on the CPU in eval mode, plain Linear / Int8Linear projections, no extra logits processors."""
+    a float32 (or int8) T5 on the CPU in eval mode, plain Linear / Int8Linear projections, no extra
+    logits processors."""
     gen = getattr(model, "generation_config", None)
     if model.training or getattr(model.config, "model_type", None) != "t5" or gen is None:
         return False
-    if any(p.device.type != "cpu" for p in model.parameters()):
-        return False
+    if any(p.device.type != "cpu" or p.dtype != torch.float32 for p in model.parameters()):
+        return False  # the loop does float32 arithmetic (T5 in bf16 casts around its norms)
     if any(getattr(gen, name, default) not in (default, None) for name, default in _PROCESSORS.items()):
         return False
     linears = [m for m in model.decoder.modules() if isinstance(m, (nn.Linear, Int8Linear))]
