@@ -6,9 +6,10 @@
     # {"subqueries": [["Nikola Tesla lifespan", "Milutin Milankovic lifespan"]], "model": ..., "latency_ms": ...}
 
 Every model call runs on one worker thread fed by a queue (MLX streams and torch's thread pool are
-not shared with the event loop). Requests that arrive within `--batch-window-ms` of each other and
-ask for the same options are generated as one padded batch (up to `--max-batch` queries); each
-request gets exactly its own answer back. See docs/serving.md.
+not shared with the event loop). When requests are waiting, those that arrive within
+`--batch-window-ms` of each other and ask for the same options are generated as one padded batch (up
+to `--max-batch` queries); a request to an idle server is answered at once. Each request gets exactly
+its own answer back. See docs/serving.md.
 """
 
 import argparse
@@ -66,7 +67,8 @@ class Batcher:
     Args:
         backend: a Backend; loaded here, on the worker thread, when `model` is given.
         max_batch: most queries generated together.
-        window_ms: after the first job, how long to wait for more before generating.
+        window_ms: when more jobs are queued behind the first, how long to keep collecting before generating
+            (a job that finds the queue empty is generated at once).
     """
 
     def __init__(self, backend: Backend, max_batch: int = 16, window_ms: float = 5.0,
@@ -139,6 +141,10 @@ class Batcher:
 
     def _collect(self, first: Job) -> tuple[list[Job], bool]:
         jobs, size = [first], len(first.queries)
+        if self._queue.empty():
+            # an idle server answers at once: a lone client never waits out the window. Under load the
+            # queue fills while the worker generates, and the next batch takes what is there.
+            return jobs, False
         deadline = time.monotonic() + self.window
         while size < self.max_batch:
             remaining = deadline - time.monotonic()

@@ -15,7 +15,7 @@ import httpx
 import pytest
 import uvicorn
 
-from api import Limits, create_app
+from api import Batcher, Limits, create_app
 from backends import Backend, make_backend
 from hf_models import save_model
 from reformulation.data import parse_subqueries
@@ -191,6 +191,25 @@ class SlowBackend(Backend):
         self.generating.set()
         time.sleep(self.delay)
         return self.inner.generate(queries, **options)
+
+
+def test_idle_server_does_not_wait_out_the_batch_window(backend):
+    """A lone request is generated at once; the window only gathers requests that queue behind another."""
+    batcher = Batcher(SlowBackend(backend, 0.3), window_ms=60_000)
+    batcher.start()
+    try:
+        first = batcher.submit([QUERIES[0]], max_new_tokens=MAX_NEW)
+        assert first.result(timeout=30) == backend.generate([QUERIES[0]], max_new_tokens=MAX_NEW)  # not 60 s
+        # five jobs at once with max_batch 4: however the worker's first take races the submits, nothing
+        # waits out the minute-long window (a batch leaves when full, a job alone when the queue is empty)
+        batcher.max_batch = 4
+        queries = QUERIES[:5]
+        jobs = [batcher.submit([q], max_new_tokens=MAX_NEW) for q in queries]
+        assert [j.result(timeout=30) for j in jobs] == [backend.generate([q], max_new_tokens=MAX_NEW)
+                                                      for q in queries]
+        assert batcher.stats["largest_batch"] == 4
+    finally:
+        batcher.stop(30)
 
 
 def test_timeout_is_504_and_shutdown_finishes_in_flight_requests(backend):
