@@ -1,5 +1,8 @@
 """torch_t5.greedy: the written-out greedy loop gives model.generate's tokens (fp32 and int8, all shapes)."""
 
+import gc
+import weakref
+
 import pytest
 import torch
 
@@ -83,6 +86,11 @@ def test_supported_only_where_the_loop_is_exact():
     model = make_model("odd-heads")
     assert supported(model)
     assert decoder_for(model) is decoder_for(model)  # built once per model
+    gone = weakref.ref(model)
+    del model
+    gc.collect()
+    assert gone() is None  # the cache does not keep a dropped model (chat's /model) alive
+    model = make_model("odd-heads")
     model.generation_config.repetition_penalty = 1.3  # generate() would add a processor the loop lacks
     assert not supported(model)
     assert not supported(make_model("odd-heads").train())

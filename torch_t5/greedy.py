@@ -103,7 +103,8 @@ class GreedyDecoder:
         config = model.config
         if model.training:
             raise ValueError("GreedyDecoder needs a model in eval mode (dropout off)")
-        self.model = model
+        # the parts, not the model: decoder_for's weak cache must not keep a dropped model alive
+        self.encoder, self.embed = model.encoder, model.shared
         self.config = config
         self.heads, self.d_kv = config.num_heads, config.d_kv
         self.layers = [_Layer(block) for block in model.decoder.block]
@@ -142,11 +143,11 @@ class GreedyDecoder:
     def steps(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None,
               max_new_tokens: int = 64, min_new_tokens: int = 0) -> Iterator[torch.Tensor]:
         """Yield the (batch,) next token ids step by step until every row has produced EOS."""
-        config, model = self.config, self.model
+        config = self.config
         B, H, D = input_ids.shape[0], self.heads, self.d_kv
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
-        memory = model.encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        memory = self.encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
         S, d_model = memory.shape[1], memory.shape[2]
         # additive padding mask over the encoder positions (T5's cross-attention has no position bias)
         cross_bias = torch.zeros((B, 1, 1, S), dtype=memory.dtype)
@@ -161,7 +162,7 @@ class GreedyDecoder:
         unfinished = torch.ones(B, dtype=torch.bool)
         rescale = getattr(config, "scale_decoder_outputs", config.tie_word_embeddings)
         for t in range(max_new_tokens):
-            h = model.shared(ids)  # (B, d_model): one position per row
+            h = self.embed(ids)  # (B, d_model): one position per row
             bias = self_bias[:, :, t:t + 1, :t + 1]
             for layer, (keys, values), (cross_k, cross_v) in zip(self.layers, cache, cross_kv):
                 (w0, eps0), (w1, eps1), (w2, eps2) = layer.norms
