@@ -411,7 +411,8 @@ def main(argv=None) -> int:
     parser.add_argument("--port", type=int, default=8000)
     parser.add_argument("--max-batch", type=int, default=16, help="most queries generated together (default 16)")
     parser.add_argument("--batch-window-ms", type=float, default=5.0,
-                        help="how long the first request waits for others to batch with (default 5; 0 = off)")
+                        help="when requests queue up, how long to keep collecting a batch (default 5; 0 = only "
+                             "what is queued); a request to an idle server never waits")
     defaults = Limits()
     parser.add_argument("--max-queries", type=int, default=defaults.max_queries, help="queries per request")
     parser.add_argument("--max-query-chars", type=int, default=defaults.max_query_chars, help="characters per query")
