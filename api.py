@@ -406,7 +406,8 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python api.py", description=__doc__.splitlines()[0])
     add_model_args(parser)
     parser.add_argument("--threads", type=int, default=None,
-                        help="CPU threads for the model (torch intra-op / OpenBLAS); default: the library's")
+                        help="CPU threads for the model (torch intra-op / OpenBLAS); default: 1 for torch-int8, "
+                             "else the library's")
     parser.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1: this machine only)")
     parser.add_argument("--port", type=int, default=8000)
     parser.add_argument("--max-batch", type=int, default=16, help="most queries generated together (default 16)")

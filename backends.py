@@ -245,7 +245,9 @@ class TorchBackend(Backend):
 
     def load(self, path, dtype: Optional[str] = None, device: Optional[str] = None,
              tokenizer: Optional[str] = None, threads: Optional[int] = None) -> "TorchBackend":
-        """threads: torch intra-op threads (process-wide); 1 often wins for batch-1 decoding on a busy CPU."""
+        """threads: torch intra-op threads (process-wide). torch-int8 defaults to 1: its int8 matmuls of one
+        decoding row are too small to split (2 threads: p50 347 ms against 205 ms, and less throughput at
+        every concurrency, BENCHMARKS.md#serving)."""
         import torch
         from transformers.utils import logging as hf_logging
 
@@ -253,6 +255,8 @@ class TorchBackend(Backend):
         from torch_t5.quantize import Int8Linear, QuantizeError, quantize_model
 
         hf_logging.disable_progress_bar()  # a server log / REPL is no place for "Loading weights" bars
+        if threads is None and self.quantize:
+            threads = 1
         if threads is not None:
             if threads < 1:
                 raise BackendError(f"threads must be >= 1, got {threads}")

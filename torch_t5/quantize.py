@@ -53,6 +53,20 @@ def _version(t: torch.Tensor) -> int:
 _FBGEMM = torch.backends.quantized.engine in ("x86", "fbgemm") and hasattr(torch.ops.quantized, "linear_dynamic")
 
 
+def _has_vnni() -> bool:
+    """AVX-512 VNNI / AVX-VNNI: int8 dot products accumulate in int32. Without them fbgemm's u8 x s8 pairs
+    sum in int16 and can saturate, which is why torch's dynamic Linear keeps activations to 7 bits."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = f.read()
+    except OSError:
+        return False
+    return "avx512_vnni" in flags or "avx_vnni" in flags
+
+
+_REDUCE_RANGE = not _has_vnni()
+
+
 class Int8Linear(nn.Module):
     """y = x W^T + b with W int8 (symmetric, per output channel) and x quantized per row at run time.
 
@@ -61,6 +75,7 @@ class Int8Linear(nn.Module):
     That op picks one activation range per call, for the whole batch; each row is first divided by
     its abs-max and two constant columns (+1, -1, against zero weights) pin every row's range to
     [-1, 1], so the scale is per row again and a query's result does not depend on its batch.
+    Activations get 8 bits on CPUs with VNNI, 7 elsewhere (see _has_vnni).
     Elsewhere (CUDA, ARM): int8 x int8 -> int32 with ``torch._int_mm`` (or a float matmul on CUDA).
     """
 
@@ -128,9 +143,8 @@ class Int8Linear(nn.Module):
         if packed is not None:
             if self._pins is None or self._pins.shape[0] < x.shape[0]:
                 self._pins = x.new_tensor([[1.0, -1.0]]).expand(max(x.shape[0], 64), 2)
-            # reduce_range (7-bit activations) as torch's dynamic Linear: no int16 overflow without VNNI
             x = torch.cat([x / x_scale, self._pins[:x.shape[0]]], dim=1)
-            return torch.ops.quantized.linear_dynamic(x, packed, True).mul_(x_scale)
+            return torch.ops.quantized.linear_dynamic(x, packed, _REDUCE_RANGE).mul_(x_scale)
         x_scale = x_scale / 127.0
         xq = torch.round(x / x_scale).clamp(-127, 127).to(torch.int8)
         if xq.device.type == "cpu":
