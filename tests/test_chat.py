@@ -112,8 +112,15 @@ def test_interactive_session(model_dir, tmp_path):
     assert QUERIES[0] in (tmp_path / "history").read_text()  # prompt history persisted
 
 
-def test_ctrl_c_cancels_and_ctrl_d_exits(model_dir, tmp_path):
-    child, log = spawn(model_dir, tmp_path)
+@pytest.fixture(scope="module")
+def slow_model_dir(tmp_path_factory, tokenizer_dir):
+    # flan-t5-small's shape: ~20 ms a token on a CPU, so 512 tokens stream for seconds and Ctrl-C lands
+    # mid-answer even on an idle machine (the tiny model finished 512 tokens in 1.3 s, before the signal)
+    return save_model("flan-small", tmp_path_factory.mktemp("chat-slow") / "model", tokenizer_dir)
+
+
+def test_ctrl_c_cancels_and_ctrl_d_exits(slow_model_dir, tmp_path):
+    child, log = spawn(slow_model_dir, tmp_path)
     try:
         send(child, "/max 512", "max=512")  # a random model rarely stops early: this streams for a while
         child.sendline(QUERIES[0])
