@@ -4,6 +4,7 @@ import io
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -67,7 +68,10 @@ def spawn(model_dir, tmp_path, *args):
     log = io.StringIO()
     child = pexpect.spawn(sys.executable, ["chat.py", "--model", str(model_dir), "--backend", "mlx",
                                            "--history-file", str(tmp_path / "history"), *args],
-                          cwd=str(ROOT), env=ENV, encoding="utf-8", timeout=90, dimensions=(50, 160))
+                          cwd=str(ROOT), env=ENV, encoding="utf-8", timeout=90, dimensions=(50, 160),
+                          # a test run started in the background (`cmd &`) ignores SIGINT, and children
+                          # inherit that: the REPL's Ctrl-C must see a terminal's default disposition
+                          preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     child.logfile_read = log
     child.expect("/help for commands")
     child.expect(PROMPT)
