@@ -119,7 +119,7 @@ def test_interactive_session(model_dir, tmp_path):
 @pytest.fixture(scope="module")
 def slow_model_dir(tmp_path_factory, tokenizer_dir):
     # flan-t5-small's shape: ~20 ms a token on a CPU, so 512 tokens stream for seconds and Ctrl-C lands
-    # mid-answer even on an idle machine (the tiny model finished 512 tokens in 1.3 s, before the signal)
+    # mid-answer even on a fast machine (the tiny model streams 512 tokens in ~1 s)
     return save_model("flan-small", tmp_path_factory.mktemp("chat-slow") / "model", tokenizer_dir)
 
 
