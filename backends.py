@@ -187,7 +187,7 @@ class MLXBackend(Backend):
         from mlx_t5 import _blas
 
         args = self.model.args
-        return {"parameters": sum(v.size for _, v in tree_flatten(self.model.parameters())),
+        return {"parameters": _mlx_parameter_count(dict(tree_flatten(self.model.parameters())), args.quantization),
                 "d_model": args.d_model, "layers": [args.num_layers, args.num_decoder_layers],
                 "quantization": args.quantization, "device": str(mx.default_device()),
                 "blas": _blas.LOADED, "blas_threads": _openblas_threads()}
@@ -205,6 +205,19 @@ def _load_mlx_adapter(folder: Path, dtype, tokenizer):
     own_tokenizer = (folder / "tokenizer_config.json").is_file()
     model, tok = mlx_t5.load(base, dtype=dtype, tokenizer=tokenizer or (str(folder) if own_tokenizer else None))
     return fuse_lora(load_adapters(model, folder)), tok
+
+
+def _mlx_parameter_count(params: dict, quantization: Optional[dict]) -> int:
+    """Weights of the model as they were in float: a quantized weight packs 32 / bits values per uint32,
+    and its scales and biases are bookkeeping, not parameters."""
+    total = 0
+    for key, value in params.items():
+        prefix, _, leaf = key.rpartition(".")
+        quantized = f"{prefix}.scales" in params
+        if quantized and leaf in ("scales", "biases"):
+            continue
+        total += value.size * 32 // quantization["bits"] if quantized and leaf == "weight" else value.size
+    return total
 
 
 def _set_openblas_threads(threads: int) -> None:
@@ -385,7 +398,10 @@ class TorchBackend(Backend):
         import torch
 
         config = self.model.config
-        return {"parameters": sum(p.numel() for p in self.model.parameters()),
+        from torch_t5.quantize import Int8Linear
+
+        int8 = sum(m.weight.numel() for m in self.model.modules() if isinstance(m, Int8Linear))  # buffers
+        return {"parameters": sum(p.numel() for p in self.model.parameters()) + int8,
                 "d_model": config.d_model, "layers": [config.num_layers, config.num_decoder_layers],
                 "int8_linear_layers": self.int8_modules,
                 "device": str(next(self.model.parameters()).device), "torch_threads": torch.get_num_threads()}

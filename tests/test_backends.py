@@ -42,6 +42,22 @@ def test_torch_int8_quantizes_an_hf_folder(model_dir):
     assert [len(int8.tokenizer(t, add_special_tokens=False)["input_ids"]) for t in out] == [7, 7]
 
 
+def test_parameter_count_is_the_float_models(model_dir, mlx_backend, tmp_path):
+    """describe() counts weights, not storage: int8 buffers and MLX's packed uint32 weights count as the
+    float weights they replace (the REPL's and /v1/model's "parameters")."""
+    from transformers import T5ForConditionalGeneration
+
+    from mlx_t5.quantize import main as quantize_main
+
+    expected = T5ForConditionalGeneration.from_pretrained(model_dir).num_parameters()
+    assert mlx_backend.describe()["parameters"] == expected
+    assert make_backend("torch").load(model_dir).describe()["parameters"] == expected
+    assert make_backend("torch-int8").load(model_dir).describe()["parameters"] == expected
+    assert quantize_main(["--model", str(model_dir), "--bits", "8", "--group-size", "32",
+                          "--out", str(tmp_path / "q8")]) == 0
+    assert make_backend("mlx").load(tmp_path / "q8").describe()["parameters"] == expected
+
+
 def test_mlx_ignore_eos_and_options(mlx_backend):
     out = mlx_backend.generate(QUERIES, max_new_tokens=5, ignore_eos=True)
     assert [len(mlx_backend.tokenizer(t, add_special_tokens=False)["input_ids"]) for t in out] == [5, 5]
