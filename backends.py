@@ -397,10 +397,13 @@ class TorchBackend(Backend):
     def _details(self):
         import torch
 
-        config = self.model.config
         from torch_t5.quantize import Int8Linear
 
-        int8 = sum(m.weight.numel() for m in self.model.modules() if isinstance(m, Int8Linear))  # buffers
+        # int8 weights are buffers; a tied head quantized to int8 is a copy of the embedding, not more weights
+        # (transformers 5 keeps tie_word_embeddings True in memory; scale_decoder_outputs keeps the saved choice)
+        config = self.model.config
+        tied_head = self.model.lm_head if getattr(config, "scale_decoder_outputs", config.tie_word_embeddings) else None
+        int8 = sum(m.weight.numel() for m in self.model.modules() if isinstance(m, Int8Linear) and m is not tied_head)
         return {"parameters": sum(p.numel() for p in self.model.parameters()) + int8,
                 "d_model": config.d_model, "layers": [config.num_layers, config.num_decoder_layers],
                 "int8_linear_layers": self.int8_modules,

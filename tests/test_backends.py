@@ -42,7 +42,7 @@ def test_torch_int8_quantizes_an_hf_folder(model_dir):
     assert [len(int8.tokenizer(t, add_special_tokens=False)["input_ids"]) for t in out] == [7, 7]
 
 
-def test_parameter_count_is_the_float_models(model_dir, mlx_backend, tmp_path):
+def test_parameter_count_is_the_float_models(model_dir, mlx_backend, tmp_path, tokenizer_dir):
     """describe() counts weights, not storage: int8 buffers and MLX's packed uint32 weights count as the
     float weights they replace (the REPL's and /v1/model's "parameters")."""
     from transformers import T5ForConditionalGeneration
@@ -53,6 +53,10 @@ def test_parameter_count_is_the_float_models(model_dir, mlx_backend, tmp_path):
     assert mlx_backend.describe()["parameters"] == expected
     assert make_backend("torch").load(model_dir).describe()["parameters"] == expected
     assert make_backend("torch-int8").load(model_dir).describe()["parameters"] == expected
+    tied = save_model("v1-relu-tied", tmp_path / "tied", tokenizer_dir)  # its int8 head copies the embedding
+    tied_count = T5ForConditionalGeneration.from_pretrained(tied).num_parameters()
+    assert make_backend("torch-int8").load(tied).describe()["parameters"] == tied_count
+    assert make_backend("mlx").load(tied).describe()["parameters"] == tied_count
     assert quantize_main(["--model", str(model_dir), "--bits", "8", "--group-size", "32",
                           "--out", str(tmp_path / "q8")]) == 0
     assert make_backend("mlx").load(tmp_path / "q8").describe()["parameters"] == expected
