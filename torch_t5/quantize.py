@@ -45,7 +45,8 @@ class QuantizeError(RuntimeError):
 
 
 def _version(t: torch.Tensor) -> int:
-    """In-place change counter (tensors made under inference_mode have none: they are not changed)."""
+    """In-place change counter. Inference tensors (made under inference_mode) track none: the fused copies
+    GreedyDecoder builds are such tensors, and nothing edits them."""
     return -1 if t.is_inference() else t._version
 
 
