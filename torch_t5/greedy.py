@@ -154,7 +154,8 @@ class GreedyDecoder:
         cross_bias.masked_fill_(attention_mask[:, None, None, :] == 0, torch.finfo(memory.dtype).min)
         flat = memory.reshape(B * S, d_model)
         cross_kv = [layer.cross_kv(flat).view(B, S, 2, H, D).permute(2, 0, 3, 1, 4) for layer in self.layers]
-        cache = torch.zeros((len(self.layers), 2, B, H, max_new_tokens, D), dtype=memory.dtype)
+        # positions > t are never read (attention slices :t + 1), so the buffer needs no zero fill
+        cache = torch.empty((len(self.layers), 2, B, H, max_new_tokens, D), dtype=memory.dtype)
         self_bias = self._position_bias(max_new_tokens)
 
         eos, pad = self.eos, self.pad
