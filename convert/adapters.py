@@ -21,7 +21,7 @@ import numpy as np
 
 import mlx_t5
 from mlx_t5.lora import ADAPTER_FILE, CONFIG_FILE, fuse_lora, load_adapters
-from reformulation.io import atomic_dir
+from reformulation.io import atomic_dir, read_json_object
 
 from .checkpoints import SideFiles, load_checkpoint, model_args, read_config, save_checkpoint
 from .errors import ConvertError
@@ -34,18 +34,6 @@ ATTENTION = ("q", "k", "v", "o")
 FFN = ("wi", "wi_0", "wi_1", "wo")
 
 PathLike = Union[str, Path]
-
-
-def _read_json(path: Path, what: str) -> dict:
-    if not path.is_file():
-        raise ConvertError(f"{path.parent}: no {path.name} (not {what})")
-    try:
-        value = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise ConvertError(f"{path}: invalid JSON ({e})") from None
-    if not isinstance(value, dict):
-        raise ConvertError(f"{path}: expected a JSON object, got {type(value).__name__}")
-    return value
 
 
 def _read_tensors(path: Path, what: str) -> dict[str, np.ndarray]:
@@ -137,7 +125,7 @@ def mlx_to_peft(adapters_dir: PathLike, base_dir: PathLike, out_dir: PathLike) -
     from safetensors.torch import save_file
 
     adapters_dir = Path(adapters_dir)
-    config = _read_json(adapters_dir / CONFIG_FILE, "an MLX adapter folder")
+    config = read_json_object(adapters_dir / CONFIG_FILE, "an MLX adapter folder", ConvertError)
     params = config.get("lora_parameters")
     if config.get("fine_tune_type", "lora") != "lora" or not isinstance(params, dict) or "scale" not in params:
         raise ConvertError(f"{adapters_dir / CONFIG_FILE}: expected fine_tune_type 'lora' with "
@@ -190,7 +178,7 @@ def _peft_scale(config: dict, path: str, rank: int) -> float:
 
 
 def read_peft_config(peft_dir: Path) -> dict:
-    config = _read_json(peft_dir / CONFIG_FILE, "a PEFT adapter folder")
+    config = read_json_object(peft_dir / CONFIG_FILE, "a PEFT adapter folder", ConvertError)
     path = peft_dir / CONFIG_FILE
     if config.get("peft_type") != "LORA":
         raise ConvertError(f"{path}: peft_type {config.get('peft_type')!r}; only LORA adapters convert")

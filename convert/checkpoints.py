@@ -15,6 +15,7 @@ from mlx.utils import tree_flatten
 
 import mlx_t5
 from mlx_t5.quantize import dequantize_model, quantize_model
+from reformulation.io import read_json_object
 
 from .errors import ConvertError
 
@@ -31,15 +32,9 @@ def read_config(folder: PathLike) -> dict:
     if not folder.is_dir():
         raise ConvertError(f"{folder}: no such folder")
     path = folder / "config.json"
-    if not path.is_file():
-        raise ConvertError(f"{folder}: no config.json (not a model folder)")
-    try:
-        config = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise ConvertError(f"{path}: invalid JSON ({e})") from None
-    if not isinstance(config, dict) or config.get("model_type", "t5") not in ("t5", "mt5"):
-        kind = config.get("model_type") if isinstance(config, dict) else type(config).__name__
-        raise ConvertError(f"{path}: model_type {kind!r} is not a T5 model")
+    config = read_json_object(path, "a model folder", ConvertError)
+    if config.get("model_type", "t5") not in ("t5", "mt5"):
+        raise ConvertError(f"{path}: model_type {config['model_type']!r} is not a T5 model")
     return config
 
 

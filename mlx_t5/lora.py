@@ -17,7 +17,7 @@ import mlx.nn as nn
 from mlx.utils import tree_flatten
 from mlx_lm.tuner.lora import LoRALinear
 
-from reformulation.io import atomic_dir
+from reformulation.io import atomic_dir, read_json_object
 
 from .utils import LoadError
 
@@ -154,12 +154,7 @@ def save_adapters(model: nn.Module, folder: Union[str, Path], meta: Optional[dic
 
 def read_adapter_config(folder: Union[str, Path]) -> dict:
     path = Path(folder) / CONFIG_FILE
-    if not path.is_file():
-        raise LoadError(f"{folder}: no {CONFIG_FILE} (not an adapter folder)")
-    try:
-        config = json.loads(path.read_text())
-    except json.JSONDecodeError as err:
-        raise LoadError(f"{path}: invalid JSON ({err})") from None
+    config = read_json_object(path, "an adapter folder", LoadError)
     params = config.get("lora_parameters")
     if config.get("fine_tune_type", "lora") != "lora" or not isinstance(params, dict):
         raise LoadError(f"{path}: expected fine_tune_type 'lora' with lora_parameters")

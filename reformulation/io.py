@@ -1,4 +1,5 @@
-"""Atomic writes: a reader (or a crash) sees the old file or the new one, never half of one."""
+"""File I/O every package shares: atomic writes (a reader, or a crash, sees the old file or the new one,
+never half of one) and JSON reads that fail with one message naming the file and what is wrong."""
 
 import json
 import os
@@ -6,6 +7,21 @@ import shutil
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
+
+
+def read_json_object(path, what: str, error: type[Exception] = ValueError) -> dict:
+    """The JSON object in `path`; else `error` saying the file is missing (so the folder is not `what`),
+    is not valid JSON, or holds something other than an object."""
+    path = Path(path)
+    if not path.is_file():
+        raise error(f"{path.parent}: no {path.name} (not {what})")
+    try:
+        value = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise error(f"{path}: invalid JSON ({e})") from None
+    if not isinstance(value, dict):
+        raise error(f"{path}: expected a JSON object, got {type(value).__name__}")
+    return value
 
 
 def _fsync_dir(path: Path) -> None:

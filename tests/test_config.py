@@ -1,8 +1,10 @@
-"""reformulation.config (precedence, validation, CLI flags, save/load) and reformulation.io (atomic writes)."""
+"""reformulation.config (precedence, validation, CLI flags, save/load) and reformulation.io (atomic writes,
+JSON reads)."""
 
 import argparse
 import json
 import os
+import re
 from pathlib import Path
 
 import pytest
@@ -17,7 +19,7 @@ from reformulation.config import (
     load_config,
     print_config,
 )
-from reformulation.io import atomic_dir, atomic_write_bytes, atomic_write_json, atomic_write_text
+from reformulation.io import atomic_dir, atomic_write_bytes, atomic_write_json, atomic_write_text, read_json_object
 
 
 @pytest.fixture
@@ -231,6 +233,25 @@ def test_print_config():
 
 
 # -- io ----------------------------------------------------------------------------------------
+
+class FolderError(RuntimeError):
+    pass
+
+
+@pytest.mark.parametrize("content, needle", [
+    (None, "no config.json (not a model folder)"),
+    ("{", "config.json: invalid JSON"),
+    ("[1, 2]", "config.json: expected a JSON object, got list"),
+])
+def test_read_json_object_errors_name_the_file(tmp_path, content, needle):
+    path = tmp_path / "config.json"
+    if content is not None:
+        path.write_text(content)
+    with pytest.raises(FolderError, match=re.escape(needle)):  # the caller's error class
+        read_json_object(path, "a model folder", FolderError)
+    path.write_text('{"d_model": 8}')
+    assert read_json_object(path, "a model folder", FolderError) == {"d_model": 8}
+
 
 def test_atomic_writes(tmp_path):
     target = tmp_path / "sub" / "file.txt"

@@ -20,7 +20,6 @@ that ``from_pretrained`` and the MLX loader refuse it rather than read int8 as f
 
 import argparse
 import fnmatch
-import json
 import sys
 import time
 import warnings
@@ -29,7 +28,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from reformulation.io import atomic_dir, atomic_write_json
+from reformulation.io import atomic_dir, atomic_write_json, read_json_object
 
 from .infer import quiet_transformers
 
@@ -209,12 +208,7 @@ def save_int8(model, tokenizer, out_dir, modules: list[str], source: str | None 
 
 def _read_marker(path: Path) -> dict:
     marker_file = path / MARKER_FILE
-    if not marker_file.is_file():
-        raise QuantizeError(f"{path}: no {MARKER_FILE}; not an int8 folder written by torch_t5.quantize")
-    try:
-        marker = json.loads(marker_file.read_text())
-    except json.JSONDecodeError as e:
-        raise QuantizeError(f"{marker_file}: invalid JSON ({e})") from None
+    marker = read_json_object(marker_file, "an int8 folder written by torch_t5.quantize", QuantizeError)
     if marker.get("format") != FORMAT or marker.get("version") != FORMAT_VERSION:
         raise QuantizeError(f"{marker_file}: format {marker.get('format')!r} v{marker.get('version')} is not "
                             f"{FORMAT!r} v{FORMAT_VERSION}")
