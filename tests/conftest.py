@@ -19,6 +19,18 @@ def _need(path: Path) -> Path:
     return path
 
 
+@pytest.fixture(scope="module")
+def torch_one_thread():
+    """One torch intra-op thread for a module of tiny matmuls: a second OpenMP thread gains nothing, and on a
+    busy 2-core box spinning threads make them several times slower. Restored for whoever runs next."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def tokenizer_dir() -> Path:
     return _need(TOKENIZER_DIR)

@@ -12,12 +12,7 @@ from torch_t5.greedy import GreedyDecoder, decoder_for, supported
 from torch_t5.quantize import quantize_model
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("torch_one_thread")  # conftest: tiny matmuls, one thread
 
 
 def batch_of(tokenizer, queries=QUERIES):

@@ -22,14 +22,7 @@ QUERIES = [
 ] * 2  # 16 queries of varied length: several padded batches
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # tiny matmuls gain nothing from a second OpenMP thread, and on a busy 2-core box spinning
-    # threads make them several times slower; restored for whoever runs next
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("torch_one_thread")  # conftest: tiny matmuls, one thread
 
 
 def test_int8_linear_matches_float_linear():

@@ -18,14 +18,7 @@ TINY = dict(model_type="t5", architectures=["T5ForConditionalGeneration"], vocab
             tie_word_embeddings=False, dropout_rate=0.0, decoder_start_token_id=0, pad_token_id=0, eos_token_id=1)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # tiny matmuls gain nothing from a second OpenMP thread, and on a busy 2-core box spinning
-    # threads make them several times slower; restored for whoever runs next
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("torch_one_thread")  # conftest: tiny matmuls, one thread
 
 
 def common_flags(full_jsonl, out, **extra):
