@@ -94,11 +94,31 @@ class Backend:
     def generate(self, queries: list[str], num_beams: int = 1, max_new_tokens: int = 64,
                  temperature: float = 0.0, ignore_eos: bool = False) -> list[str]:
         """One "a|b|c" string per query, in order. ignore_eos (benchmarks): exactly max_new_tokens tokens."""
-        raise NotImplementedError
+        self._require()
+        queries = self._check_queries(queries)
+        check_options(num_beams, max_new_tokens, temperature)
+        if not queries:
+            return []
+        return self._generate(queries, num_beams, max_new_tokens, temperature, ignore_eos)
 
     def stream(self, query: str, num_beams: int = 1, max_new_tokens: int = 64,
                temperature: float = 0.0) -> Iterator[str]:
         """Text pieces as they are produced (beam search cannot stream: one piece at the end)."""
+        self._require()
+        self._check_queries([query])
+        check_options(num_beams, max_new_tokens, temperature)
+        if num_beams > 1:
+            yield from self.generate([query], num_beams=num_beams, max_new_tokens=max_new_tokens)
+            return
+        yield from self._stream(query, max_new_tokens, temperature)
+
+    def _generate(self, queries: list[str], num_beams: int, max_new_tokens: int, temperature: float,
+                  ignore_eos: bool) -> list[str]:
+        """generate() for checked, non-empty queries and options."""
+        raise NotImplementedError
+
+    def _stream(self, query: str, max_new_tokens: int, temperature: float) -> Iterator[str]:
+        """stream() of one checked query, greedy or sampled."""
         raise NotImplementedError
 
     def describe(self) -> dict:
@@ -155,28 +175,17 @@ class MLXBackend(Backend):
         self.load_seconds = time.perf_counter() - start
         return self
 
-    def generate(self, queries, num_beams=1, max_new_tokens=64, temperature=0.0, ignore_eos=False):
+    def _generate(self, queries, num_beams, max_new_tokens, temperature, ignore_eos):
         import mlx_t5
 
-        self._require()
-        queries = self._check_queries(queries)
-        check_options(num_beams, max_new_tokens, temperature)
-        if not queries:
-            return []
         # ignore_eos (benchmarks): EOS masked, exactly max_new_tokens tokens per query
         texts = mlx_t5.generate(self.model, self.tokenizer, queries, num_beams=num_beams,
                                 max_new_tokens=max_new_tokens, temperature=temperature, ignore_eos=ignore_eos)
         return [t.strip() for t in texts]
 
-    def stream(self, query, num_beams=1, max_new_tokens=64, temperature=0.0):
+    def _stream(self, query, max_new_tokens, temperature):
         import mlx_t5
 
-        self._require()
-        self._check_queries([query])
-        check_options(num_beams, max_new_tokens, temperature)
-        if num_beams > 1:
-            yield from self.generate([query], num_beams=num_beams, max_new_tokens=max_new_tokens)
-            return
         yield from mlx_t5.stream_generate(self.model, self.tokenizer, query, max_new_tokens=max_new_tokens,
                                           temperature=temperature)
 
@@ -297,14 +306,9 @@ class TorchBackend(Backend):
         self.load_seconds = time.perf_counter() - start
         return self
 
-    def generate(self, queries, num_beams=1, max_new_tokens=64, temperature=0.0, ignore_eos=False):
+    def _generate(self, queries, num_beams, max_new_tokens, temperature, ignore_eos):
         from torch_t5.infer import generate
 
-        self._require()
-        queries = self._check_queries(queries)
-        check_options(num_beams, max_new_tokens, temperature)
-        if not queries:
-            return []
         # min_new_tokens = max_new_tokens masks EOS until the end: exactly max_new_tokens tokens
         extra = {"min_new_tokens": max_new_tokens} if ignore_eos else {}
         if temperature > 0:
@@ -324,18 +328,12 @@ class TorchBackend(Backend):
                                       max_new_tokens=max_new_tokens, **extra)
         return [t.strip() for t in self.tokenizer.batch_decode(ids, skip_special_tokens=True)]
 
-    def stream(self, query, num_beams=1, max_new_tokens=64, temperature=0.0):
+    def _stream(self, query, max_new_tokens, temperature):
         import torch
         from transformers import StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer
 
         from reformulation.data import format_source
 
-        self._require()
-        self._check_queries([query])
-        check_options(num_beams, max_new_tokens, temperature)
-        if num_beams > 1:
-            yield from self.generate([query], num_beams=num_beams, max_new_tokens=max_new_tokens)
-            return
         if temperature == 0:
             from torch_t5.greedy import supported
 
