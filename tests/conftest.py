@@ -31,6 +31,24 @@ def torch_one_thread():
     torch.set_num_threads(threads)
 
 
+@pytest.fixture(scope="module")
+def blas_one_thread():
+    """One OpenBLAS thread for a module of tiny MLX models: more threads only add synchronisation (and spin
+    when the CPU is shared). Restored for whoever runs next."""
+    import ctypes
+
+    from mlx_t5 import _blas
+
+    if not _blas.LOADED:
+        yield
+        return
+    lib = ctypes.CDLL(_blas.LOADED)
+    before = lib.openblas_get_num_threads()
+    lib.openblas_set_num_threads(1)
+    yield
+    lib.openblas_set_num_threads(before)
+
+
 @pytest.fixture(scope="session")
 def tokenizer_dir() -> Path:
     return _need(TOKENIZER_DIR)

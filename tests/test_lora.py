@@ -21,21 +21,7 @@ from reformulation.data import read_jsonl
 from reformulation.reporting import read_metrics
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_blas_thread():
-    """Tiny models: OpenBLAS threads only add synchronisation (and spin when the CPU is shared)."""
-    import ctypes
-
-    from mlx_t5 import _blas
-
-    if not _blas.LOADED:
-        yield
-        return
-    lib = ctypes.CDLL(_blas.LOADED)
-    before = lib.openblas_get_num_threads()
-    lib.openblas_set_num_threads(1)
-    yield
-    lib.openblas_set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("blas_one_thread")  # conftest: tiny models, one BLAS thread
 
 
 @pytest.fixture(scope="module")
