@@ -71,6 +71,18 @@ def shapes_first(batches: list[dict]) -> list[int]:
     return first
 
 
+def timed_steps(run, batches: list[dict]) -> tuple[float, float]:
+    """(loss of the first step, seconds for one step on every batch): `run(i)` trains on batch i; each
+    batch shape is run once before the clock starts (MLX compiles per shape)."""
+    first_loss = run(0)
+    for i in shapes_first(batches)[1:]:
+        run(i)
+    start = time.perf_counter()
+    for i in range(len(batches)):
+        run(i)
+    return first_loss, time.perf_counter() - start
+
+
 def worker_mlx(model_dir: str, batches: list[dict], lr: float, dropout: float) -> dict:
     import mlx_t5  # noqa: I001  (first: it preloads OpenBLAS before mlx)
     import mlx.core as mx
@@ -97,13 +109,7 @@ def worker_mlx(model_dir: str, batches: list[dict], lr: float, dropout: float) -
         mx.eval(loss_sum, ntoks, norm, model.state, optimizer.state)
         return (loss_sum / ntoks).item()
 
-    first_loss = run(0)
-    for i in shapes_first(batches)[1:]:
-        run(i)
-    start = time.perf_counter()
-    for i in range(len(batches)):
-        run(i)
-    seconds = time.perf_counter() - start
+    first_loss, seconds = timed_steps(run, batches)
     return {"check_loss": check_loss, "first_loss": first_loss, "seconds": seconds,
             "mlx_peak_memory_gb": mx.get_peak_memory() / 1e9}
 
@@ -132,13 +138,8 @@ def worker_torch(model_dir: str, batches: list[dict], lr: float, dropout: float,
         optimizer.zero_grad(set_to_none=True)
         return loss.item()
 
-    first_loss = run(0)
-    for i in shapes_first(batches)[1:]:
-        run(i)
-    start = time.perf_counter()
-    for i in range(len(batches)):
-        run(i)
-    return {"check_loss": check_loss, "first_loss": first_loss, "seconds": time.perf_counter() - start}
+    first_loss, seconds = timed_steps(run, batches)
+    return {"check_loss": check_loss, "first_loss": first_loss, "seconds": seconds}
 
 
 def worker_main(args) -> int:
