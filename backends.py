@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 from typing import Iterator, Optional
 
-BACKENDS = ("mlx", "torch-int8", "torch")
+BACKENDS = ("mlx", "onnx", "torch-int8", "torch")
 
 
 def default_backend() -> str:
@@ -377,20 +377,14 @@ class TorchBackend(Backend):
             raise BackendError(f"generation failed ({type(failure[0]).__name__}: {_first_line(failure[0])})")
 
     def _stream_greedy(self, query, max_new_tokens):
-        """torch_t5.greedy step by step, in this thread: stopping the iteration cancels it. Each step
-        decodes the whole prefix and yields the new suffix (SentencePiece spaces come out right)."""
+        """torch_t5.greedy step by step, in this thread: stopping the iteration cancels it."""
         from torch_t5.greedy import decoder_for
 
-        from reformulation.data import format_source
+        from reformulation.data import format_source, text_pieces
 
         batch = self.tokenizer([format_source(query)], return_tensors="pt")
-        ids, text = [], ""
-        for step in decoder_for(self.model).steps(batch["input_ids"], batch["attention_mask"], max_new_tokens):
-            ids.append(int(step[0]))
-            new = self.tokenizer.decode(ids, skip_special_tokens=True).strip()
-            if new.startswith(text) and len(new) > len(text):
-                yield new[len(text):]
-                text = new
+        steps = decoder_for(self.model).steps(batch["input_ids"], batch["attention_mask"], max_new_tokens)
+        yield from text_pieces(self.tokenizer, (int(step[0]) for step in steps))
 
     def _details(self):
         import torch
@@ -408,10 +402,88 @@ class TorchBackend(Backend):
                 "device": str(next(self.model.parameters()).device), "torch_threads": torch.get_num_threads()}
 
 
+class OnnxBackend(Backend):
+    """onnx_t5: ONNX Runtime on the CPU with int8 weights (MatMulNBits): greedy, sampling and beam search.
+    Loads a folder written by `python -m convert to-onnx`, or exports an HF folder / hub id on load
+    (a few seconds; into a temporary folder that lives as long as the backend)."""
+
+    name = "onnx"
+
+    def load(self, path, dtype: Optional[str] = None, tokenizer: Optional[str] = None,
+             threads: Optional[int] = None) -> "OnnxBackend":
+        """dtype: None = int8 (or as the ONNX folder was exported), "float32" = export without quantizing.
+        threads: ONNX Runtime intra-op threads; default 1 (one decoding row is too small to split:
+        BENCHMARKS.md#serving)."""
+        import tempfile
+
+        try:
+            import onnx_t5
+            from onnx_t5.export import ExportError, export
+        except ImportError as err:
+            raise BackendError(f"the onnx backend needs onnxruntime and onnx ({err}); pip install -e '.[serve]'") \
+                from None
+        threads = 1 if threads is None else threads
+        if threads < 1:
+            raise BackendError(f"threads must be >= 1, got {threads}")
+        if dtype not in (None, "float32"):
+            raise BackendError(f"the onnx backend runs int8 or float32 weights; dtype {dtype!r} does not apply")
+        start = time.perf_counter()
+        folder = Path(path).expanduser()
+        try:
+            if onnx_t5.is_onnx_folder(folder):
+                if dtype == "float32":
+                    raise BackendError(f"{path} is an exported ONNX folder: its dtype was chosen at export")
+            else:
+                self._exported = tempfile.TemporaryDirectory(prefix="onnx-t5-")
+                folder = export(path, Path(self._exported.name) / "model", quantize=dtype != "float32",
+                                tokenizer=tokenizer)
+            model, tok = onnx_t5.load(folder, threads=threads, tokenizer=tokenizer)
+        except (ExportError, onnx_t5.OnnxLoadError) as err:
+            raise BackendError(str(err)) from None
+        except (OSError, ValueError) as err:
+            raise BackendError(f"{path}: could not load ({type(err).__name__}: {_first_line(err)})") from None
+        self.model, self.tokenizer, self.path = model, tok, str(path)
+        quantization = model.info.get("quantization")
+        self.options = {"dtype": f"int{quantization['bits']}" if quantization else "float32"}
+        self.load_seconds = time.perf_counter() - start
+        return self
+
+    def _encode(self, queries):
+        from reformulation.data import format_source
+
+        batch = self.tokenizer([format_source(q) for q in queries], return_tensors="np", padding=True)
+        return batch["input_ids"], batch["attention_mask"]
+
+    def _generate(self, queries, num_beams, max_new_tokens, temperature, ignore_eos):
+        ids, mask = self._encode(queries)
+        if num_beams > 1:
+            out = self.model.beam_search(ids, mask, max_new_tokens=max_new_tokens, num_beams=num_beams,
+                                         min_new_tokens=max_new_tokens if ignore_eos else 0)
+            return [t.strip() for t in self.tokenizer.batch_decode(out, skip_special_tokens=True)]
+        out = self.model.generate(ids, mask, max_new_tokens=max_new_tokens, temperature=temperature,
+                                  min_new_tokens=max_new_tokens if ignore_eos else 0)
+        return [t.strip() for t in self.tokenizer.batch_decode(out, skip_special_tokens=True)]
+
+    def _stream(self, query, max_new_tokens, temperature):
+        from reformulation.data import text_pieces
+
+        ids, mask = self._encode([query])
+        steps = self.model.steps(ids, mask, max_new_tokens=max_new_tokens, temperature=temperature)
+        yield from text_pieces(self.tokenizer, (int(step[0]) for step in steps))
+
+    def _details(self):
+        import onnxruntime
+
+        return {**self.model.describe(), "onnxruntime": onnxruntime.__version__}
+
+
 def make_backend(name: str) -> Backend:
-    """A new, unloaded backend: "mlx", "torch-int8" (dynamic int8, CPU) or "torch" (float)."""
+    """A new, unloaded backend: "mlx", "onnx" (ONNX Runtime int8, CPU), "torch-int8" (dynamic int8, CPU) or
+    "torch" (float)."""
     if name == "mlx":
         return MLXBackend()
+    if name == "onnx":
+        return OnnxBackend()
     if name in ("torch-int8", "torch"):
         return TorchBackend(quantize=name == "torch-int8")
     raise BackendError(f"unknown backend {name!r} (choose {', '.join(BACKENDS)})")

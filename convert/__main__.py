@@ -6,6 +6,7 @@
     peft-to-adapters  PEFT LoRA adapter folder -> MLX LoRA adapters
     fuse              merge MLX or PEFT LoRA adapters into their base checkpoint
     to-gguf           checkpoint -> GGUF file for llama.cpp (f32, f16 or q8_0)
+    to-onnx           HF checkpoint -> ONNX Runtime folder (int8 weights) for the onnx serving backend
 """
 
 import argparse
@@ -84,6 +85,21 @@ def to_gguf(args, console):
     return f"{args.out} ({_size(summary['bytes'])}, {summary['tensors']} tensors: {types}{tied})"
 
 
+def to_onnx(args, console):
+    from pathlib import Path
+
+    from onnx_t5.export import ExportError, export
+
+    with console.status(f"exporting {args.model} to ONNX"):
+        try:
+            out = export(args.model, args.out, quantize=not args.float32, tokenizer=args.tokenizer)
+        except ExportError as err:
+            raise ConvertError(str(err)) from None
+    size = sum(f.stat().st_size for f in Path(out).iterdir() if f.suffix in (".onnx", ".data"))
+    what = "float32" if args.float32 else "int8 weights (MatMulNBits, blocks of 128)"
+    return f"{out} ({what}, {_size(size)}; serve with --backend onnx)"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m convert", description=__doc__.splitlines()[0],
                                      epilog="docs/convert.md documents every subcommand.")
@@ -128,6 +144,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--type", choices=("f32", "f16", "q8_0"), default="f16", help="tensor type (default f16)")
     p.add_argument("--tokenizer", default=None, help="folder with spiece.model / tokenizer.json if --model has none")
     p.set_defaults(run=to_gguf)
+
+    p = sub.add_parser("to-onnx", help="HF checkpoint -> ONNX Runtime folder (int8) for --backend onnx")
+    p.add_argument("--model", required=True, help="HF folder or hub id (float weights)")
+    p.add_argument("--out", required=True, help="output folder (written atomically)")
+    p.add_argument("--float32", action="store_true", help="keep float32 weights (default: 8-bit)")
+    p.add_argument("--tokenizer", default=None, help="tokenizer folder if --model has none")
+    p.set_defaults(run=to_onnx)
     return parser
 
 

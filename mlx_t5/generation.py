@@ -13,11 +13,11 @@ import mlx.core as mx
 import numpy as np
 from mlx_lm.sample_utils import make_sampler
 
+from reformulation.beam import BeamSearch
 from reformulation.data import format_source
 
 from .model import Model
 
-NEG_INF_SCORE = -1.0e9  # transformers' beam bookkeeping value for "never pick this"
 
 
 def _check_options(max_new_tokens, num_beams, length_penalty, early_stopping, num_return_sequences,
@@ -115,12 +115,13 @@ def _trim(rows: np.ndarray, eos_ids: Sequence[int]) -> list[list[int]]:
 def _beam_search(model: Model, input_ids: mx.array, attention_mask: mx.array, max_new_tokens: int,
                  num_beams: int, length_penalty: float, early_stopping, num_return_sequences: int,
                  ignore_eos: bool) -> list[list[int]]:
-    """transformers' `_beam_search`, vectorised over (batch x beams) in MLX, with the finished-hypothesis
-    bookkeeping on the host in fp32 numpy (a few (B, 2 x beams) arrays per step)."""
+    """transformers' `_beam_search`, vectorised over (batch x beams) in MLX; the finished-hypothesis
+    bookkeeping is reformulation.beam's, on the host (a few (B, 2 x beams) arrays per step)."""
     args = model.args
     eos_ids = _eos_ids(model)
     B, nb, V = input_ids.shape[0], num_beams, args.vocab_size
-    K = max(2, 1 + len(eos_ids)) * nb  # enough candidates that nb stay alive when nb of them end in EOS
+    search = BeamSearch(B, nb, max_new_tokens, eos_ids, length_penalty, early_stopping)
+    K = search.candidates
 
     memory = mx.repeat(model.encode(input_ids, attention_mask), nb, axis=0)
     memory_mask = mx.repeat(attention_mask, nb, axis=0)
@@ -129,73 +130,26 @@ def _beam_search(model: Model, input_ids: mx.array, attention_mask: mx.array, ma
     if ignore_eos:
         eos_mask = mx.zeros((V,), mx.float32)
         eos_mask[mx.array(eos_ids)] = -mx.inf
-
-    f32 = np.float32
-    neg = f32(NEG_INF_SCORE)
-    running_scores = np.zeros((B, nb), f32)
-    running_scores[:, 1:] = neg  # only beam 0 expands at the first step: no duplicate beams
-    running_seqs = np.zeros((B, nb, 0), np.int64)
-    done_seqs = np.zeros((B, nb, max_new_tokens), np.int64)
-    done_lens = np.zeros((B, nb), np.int64)
-    done_scores = np.full((B, nb), neg, f32)
-    done_flags = np.zeros((B, nb), bool)
-    improvable = np.ones((B,), bool)  # transformers' is_early_stop_heuristic_unsatisfied
-    top_mask = np.arange(K) < nb
     tokens = mx.full((B * nb,), args.decoder_start_token_id, mx.int32)
-    b_idx = np.arange(B)[:, None]
 
     for t in range(max_new_tokens):
         logp = _log_softmax(model.decode(tokens[:, None], memory, memory_mask, cache)[:, -1])
         if eos_mask is not None:
             logp = logp + eos_mask
-        scores = (logp + mx.array(running_scores).reshape(B * nb, 1)).reshape(B, nb * V)
+        scores = (logp + mx.array(search.running_scores).reshape(B * nb, 1)).reshape(B, nb * V)
         top = mx.argpartition(-scores, K - 1, axis=-1)[:, :K]
         vals = mx.take_along_axis(scores, top, axis=-1)
         mx.eval(vals, top)
-        vals, top = np.array(vals), np.array(top)
-        order = np.argsort(-vals, axis=1, kind="stable")  # topk is sorted, largest first
-        vals, top = np.take_along_axis(vals, order, 1), np.take_along_axis(top, order, 1)
-        beam, tok = top // V, top % V
-        cand_seqs = np.concatenate([running_seqs[b_idx, beam], tok[..., None]], axis=-1)  # (B, K, t + 1)
-        hits = np.isin(tok, eos_ids) | (t + 1 >= max_new_tokens)
-
-        # the best nb candidates that did not just finish keep running
-        run_vals = vals + hits.astype(f32) * neg
-        keep = np.argsort(-run_vals, axis=1, kind="stable")[:, :nb]
-        running_scores = np.take_along_axis(run_vals, keep, 1)
-        running_seqs = cand_seqs[b_idx, keep]
-        source = np.take_along_axis(beam, keep, 1) + b_idx * nb
-
-        # finished candidates among the top nb join the finished set if they beat its worst
-        just_done = hits & top_mask[None, :]
-        done_vals = vals / f32((t + 1) ** length_penalty)
-        full = done_flags.all(axis=1, keepdims=True) & (early_stopping is True)
-        done_vals = done_vals + full.astype(f32) * neg
-        done_vals = done_vals + (~improvable[:, None]).astype(f32) * neg
-        done_vals = done_vals + (~just_done).astype(f32) * neg
-        merged_scores = np.concatenate([done_scores, done_vals], axis=1)
-        pick = np.argsort(-merged_scores, axis=1, kind="stable")[:, :nb]
-        padded = np.zeros((B, K, max_new_tokens), np.int64)
-        padded[:, :, :t + 1] = cand_seqs
-        done_seqs = np.concatenate([done_seqs, padded], axis=1)[b_idx, pick]
-        done_lens = np.take_along_axis(np.concatenate([done_lens, np.full((B, K), t + 1)], axis=1), pick, 1)
-        done_flags = np.take_along_axis(np.concatenate([done_flags, just_done], axis=1), pick, 1)
-        done_scores = np.take_along_axis(merged_scores, pick, 1)
-
-        # can a running beam still beat the worst finished one? (transformers' early-stop heuristic)
-        best_len = max_new_tokens if early_stopping == "never" and length_penalty > 0 else t + 1
-        best_running = running_scores[:, :1] / f32(best_len ** length_penalty)
-        worst_done = np.where(done_flags, done_scores.min(axis=1, keepdims=True), neg)
-        improvable &= (best_running > worst_done).any(axis=1)
-        if not improvable.any() or (done_flags.all() and early_stopping is True) or hits.all():
+        step = search.step(t, np.array(vals), np.array(top), V)
+        if step is None:
             break
-
-        source = mx.array(source.reshape(-1).astype(np.int32))
+        source, next_tokens = step
+        source = mx.array(source.astype(np.int32))
         for c in cache:
             c.reorder(source, cross=False)  # beams never move between inputs
-        tokens = mx.array(running_seqs[:, :, -1].reshape(-1).astype(np.int32))
+        tokens = mx.array(next_tokens.astype(np.int32))
 
-    return [done_seqs[b, j, :done_lens[b, j]].tolist() for b in range(B) for j in range(num_return_sequences)]
+    return search.sequences(num_return_sequences)
 
 
 def generate_tokens(model: Model, input_ids, attention_mask=None, *, max_new_tokens: int = 64, num_beams: int = 1,

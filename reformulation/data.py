@@ -16,6 +16,7 @@ import unicodedata
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 
@@ -130,6 +131,18 @@ def parse_subqueries(text: str) -> list[str]:
             seen.add(key)
             out.append(part)
     return out
+
+
+def text_pieces(tokenizer, token_ids) -> Iterator[str]:
+    """Streaming detokenisation: after each token decode the whole prefix and yield what it adds, so
+    SentencePiece word-start spaces come out right. The pieces join to the decoded sequence, stripped."""
+    ids, text = [], ""
+    for token in token_ids:
+        ids.append(int(token))
+        new = tokenizer.decode(ids, skip_special_tokens=True).strip()
+        if new.startswith(text) and len(new) > len(text):
+            yield new[len(text):]
+            text = new
 
 
 def _parse_row(path, line: int, raw: str, normalize: bool) -> Example:

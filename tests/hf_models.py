@@ -58,6 +58,35 @@ def make_model(name: str, seed: int = 0, **overrides) -> T5ForConditionalGenerat
     return model.eval()
 
 
+def hf_generate(model, batch, **kwargs):
+    # transformers 5.24's cache fails when the decoder is deeper than the encoder (IndexError)
+    use_cache = model.config.num_decoder_layers <= model.config.num_layers
+    with torch.inference_mode():
+        return model.generate(**batch, do_sample=False, num_beams=1, use_cache=use_cache, **kwargs)
+
+
+def ending_model(shape: str, int8: bool, batch):
+    """A random model that ends some rows early: a token that some rows generate and others never
+    does becomes EOS's twin (its head row, scaled up 5%), so EOS wins wherever that token would have."""
+    model = make_model(shape, seed=1)
+    if int8:
+        from torch_t5.quantize import quantize_model
+
+        quantize_model(model)
+    generated = hf_generate(model, batch, max_new_tokens=24)[:, 1:]
+    for token in generated.unique().tolist():
+        rows = (generated == token).any(dim=1)
+        if rows.any() and not rows.all():
+            break
+    eos, head = model.config.eos_token_id, model.lm_head
+    with torch.no_grad():
+        if int8:
+            head.weight[eos], head.weight_scale[eos] = head.weight[token], head.weight_scale[token] * 1.05
+        else:
+            head.weight[eos] = head.weight[token] * 1.05
+    return model
+
+
 def save_model(name: str, path: Path, tokenizer_dir: Path | None = None, seed: int = 0, **overrides) -> Path:
     """Save a random model (and the real tokenizer, if given) as an HF folder; return the folder."""
     model = make_model(name, seed=seed, **overrides)

@@ -19,7 +19,7 @@ def mlx_backend(model_dir):
     return make_backend("mlx").load(model_dir)
 
 
-@pytest.mark.parametrize("name", ["mlx", "torch-int8"])
+@pytest.mark.parametrize("name", ["mlx", "torch-int8", "onnx"])
 def test_stream_joins_to_generate(model_dir, mlx_backend, name):
     """What the REPL streams is what generate (the API, the JSON-lines mode) returns."""
     backend = mlx_backend if name == "mlx" else make_backend(name).load(model_dir)
@@ -53,6 +53,7 @@ def test_parameter_count_is_the_float_models(model_dir, mlx_backend, tmp_path, t
     assert mlx_backend.describe()["parameters"] == expected
     assert make_backend("torch").load(model_dir).describe()["parameters"] == expected
     assert make_backend("torch-int8").load(model_dir).describe()["parameters"] == expected
+    assert make_backend("onnx").load(model_dir).describe()["parameters"] == expected
     tied = save_model("v1-relu-tied", tmp_path / "tied", tokenizer_dir)  # its int8 head copies the embedding
     tied_count = T5ForConditionalGeneration.from_pretrained(tied).num_parameters()
     assert make_backend("torch-int8").load(tied).describe()["parameters"] == tied_count
@@ -103,8 +104,12 @@ def test_load_errors_are_backend_errors(model_dir, tmp_path):
     (tmp_path / "quantization.json").write_text("{}")
     with pytest.raises(BackendError, match="--backend torch-int8"):
         make_backend("torch").load(tmp_path)
-    with pytest.raises(BackendError, match="unknown backend 'onnx'"):
-        make_backend("onnx")
+    with pytest.raises(BackendError, match="unknown backend 'tensorrt'"):
+        make_backend("tensorrt")
+    with pytest.raises(BackendError, match="torch int8 weights"):
+        make_backend("onnx").load(tmp_path)
+    with pytest.raises(BackendError, match="dtype 'bfloat16' does not apply"):
+        make_backend("onnx").load(model_dir, dtype="bfloat16")
     with pytest.raises(BackendError, match="no model loaded"):
         make_backend("mlx").generate(QUERIES)
     assert default_backend() in ("mlx", "torch", "torch-int8")

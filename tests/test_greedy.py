@@ -6,10 +6,9 @@ import weakref
 import pytest
 import torch
 
-from hf_models import QUERIES, SHAPES, make_model
+from hf_models import QUERIES, SHAPES, ending_model, hf_generate, make_model
 from torch_t5 import infer
 from torch_t5.greedy import GreedyDecoder, decoder_for, supported
-from torch_t5.quantize import quantize_model
 
 
 pytestmark = pytest.mark.usefixtures("torch_one_thread")  # conftest: tiny matmuls, one thread
@@ -17,33 +16,6 @@ pytestmark = pytest.mark.usefixtures("torch_one_thread")  # conftest: tiny matmu
 
 def batch_of(tokenizer, queries=QUERIES):
     return tokenizer(queries, return_tensors="pt", padding=True)
-
-
-def hf_generate(model, batch, **kwargs):
-    # transformers 5.24's cache fails when the decoder is deeper than the encoder (IndexError)
-    use_cache = model.config.num_decoder_layers <= model.config.num_layers
-    with torch.inference_mode():
-        return model.generate(**batch, do_sample=False, num_beams=1, use_cache=use_cache, **kwargs)
-
-
-def ending_model(shape: str, int8: bool, batch):
-    """A random model that ends some rows early: a token that some rows generate and others never
-    does becomes EOS's twin (its head row, scaled up 5%), so EOS wins wherever that token would have."""
-    model = make_model(shape, seed=1)
-    if int8:
-        quantize_model(model)
-    generated = hf_generate(model, batch, max_new_tokens=24)[:, 1:]
-    for token in generated.unique().tolist():
-        rows = (generated == token).any(dim=1)
-        if rows.any() and not rows.all():
-            break
-    eos, head = model.config.eos_token_id, model.lm_head
-    with torch.no_grad():
-        if int8:
-            head.weight[eos], head.weight_scale[eos] = head.weight[token], head.weight_scale[token] * 1.05
-        else:
-            head.weight[eos] = head.weight[token] * 1.05
-    return model
 
 
 @pytest.mark.parametrize("int8", [False, True], ids=["fp32", "int8"])

@@ -1,0 +1,191 @@
+"""Generation with the two graphs of onnx_t5.export in ONNX Runtime: numpy on the host, no torch.
+
+    from onnx_t5 import load
+    model, tokenizer = load("runs/base/onnx")             # a folder written by onnx_t5.export
+    ids = model.generate(input_ids, attention_mask, max_new_tokens=64)   # like transformers' generate
+
+The self-attention cache is one preallocated (max_new_tokens, layers, 2, batch, heads, d_kv) buffer: the
+step reads ``cache[:t]`` (contiguous, no copy) and returns this position's K/V, written at ``cache[t]``.
+"""
+
+import json
+from pathlib import Path
+from typing import Callable, Iterator, Optional
+
+import numpy as np
+
+from .export import FORMAT, MARKER
+
+
+class OnnxLoadError(RuntimeError):
+    """A folder that is not a loadable onnx_t5 export; the message says what is missing."""
+
+
+class OnnxT5:
+    """An exported T5: greedy decoding and sampling over ONNX Runtime sessions.
+
+    Not thread safe (one cache per call, but sessions are shared): one model per worker thread.
+    """
+
+    def __init__(self, folder, threads: int = 1):
+        import onnxruntime as ort
+
+        folder = Path(folder).expanduser()
+        self.folder = folder
+        self.info = _read_json(folder / MARKER)
+        if self.info.get("format") != FORMAT:
+            raise OnnxLoadError(f"{folder / MARKER}: format {self.info.get('format')!r}, expected {FORMAT!r}")
+        self.config = _read_json(folder / "config.json")
+        gen = _read_json(folder / "generation_config.json") if (folder / "generation_config.json").is_file() else {}
+        eos = gen.get("eos_token_id", self.config.get("eos_token_id", 1))
+        self.eos = np.array(eos if isinstance(eos, list) else [eos], np.int64)
+        self.pad = gen.get("pad_token_id", self.config.get("pad_token_id", 0))
+        self.start = gen.get("decoder_start_token_id", self.config.get("decoder_start_token_id", 0))
+        self.layers = self.config.get("num_decoder_layers") or self.config["num_layers"]
+        self.heads, self.d_kv = self.config["num_heads"], self.config["d_kv"]
+        self.threads = threads
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = threads
+        options.inter_op_num_threads = 1
+        options.log_severity_level = 3  # ORT's warnings about unused initializers are not the user's business
+        sessions = []
+        for name in ("encoder.onnx", "decoder.onnx"):
+            if not (folder / name).is_file():
+                raise OnnxLoadError(f"{folder}: no {name} (write the folder with `python -m convert to-onnx`)")
+            try:
+                sessions.append(ort.InferenceSession(str(folder / name), options,
+                                                     providers=["CPUExecutionProvider"]))
+            except Exception as err:  # onnxruntime raises its own exception types
+                raise OnnxLoadError(f"{folder / name}: onnxruntime cannot load it ({_first_line(err)})") from None
+        self.encoder, self.decoder = sessions
+
+    def encode(self, input_ids: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
+        """(layers, 2, batch, heads, source, d_kv): every decoder layer's cross-attention keys and values."""
+        return self.encoder.run(None, {"input_ids": input_ids, "attention_mask": attention_mask})[0]
+
+    def steps(self, input_ids, attention_mask=None, max_new_tokens: int = 64, min_new_tokens: int = 0,
+              temperature: float = 0.0, rng: Optional[np.random.Generator] = None) -> Iterator[np.ndarray]:
+        """Yield the (batch,) next token ids step by step until every row has produced EOS (rows that
+        ended get pad_token_id). temperature > 0 samples from softmax(logits / temperature)."""
+        input_ids = np.ascontiguousarray(input_ids, dtype=np.int64)
+        if attention_mask is None:
+            attention_mask = np.ones_like(input_ids)
+        attention_mask = np.ascontiguousarray(attention_mask, dtype=np.int64)
+        B = input_ids.shape[0]
+        cross_kv = self.encode(input_ids, attention_mask)
+        cache = np.empty((max_new_tokens, self.layers, 2, B, self.heads, self.d_kv), np.float32)
+        ids = np.full((B,), self.start, np.int64)
+        unfinished = np.ones(B, bool)
+        if temperature > 0 and rng is None:
+            rng = np.random.default_rng()
+        for t in range(max_new_tokens):
+            logits, new_kv = self.decoder.run(None, {
+                "input_ids": ids, "distances": np.arange(t, -1, -1, dtype=np.int64), "past": cache[:t],
+                "cross_kv": cross_kv, "attention_mask": attention_mask})
+            cache[t] = new_kv
+            if t < min_new_tokens:
+                logits[:, self.eos] = -np.inf
+            ids = _sample(logits, temperature, rng) if temperature > 0 else logits.argmax(axis=-1)
+            ids = np.where(unfinished, ids, self.pad)
+            yield ids
+            unfinished &= ~np.isin(ids, self.eos)
+            if not unfinished.any():
+                return
+
+    def generate(self, input_ids, attention_mask=None, max_new_tokens: int = 64, min_new_tokens: int = 0,
+                 temperature: float = 0.0, rng: Optional[np.random.Generator] = None,
+                 on_token: Optional[Callable[[np.ndarray], bool]] = None) -> np.ndarray:
+        """(batch, 1 + generated) token ids, the decoder start token first and rows that ended padded:
+        what transformers' generate returns. on_token(next_ids) returning False stops early."""
+        tokens = [np.full((np.shape(input_ids)[0],), self.start, np.int64)]
+        for ids in self.steps(input_ids, attention_mask, max_new_tokens, min_new_tokens, temperature, rng):
+            tokens.append(ids)
+            if on_token is not None and on_token(ids) is False:
+                break
+        return np.stack(tokens, axis=1)
+
+    def beam_search(self, input_ids, attention_mask=None, max_new_tokens: int = 64, num_beams: int = 4,
+                    min_new_tokens: int = 0, length_penalty: float = 1.0, early_stopping=False,
+                    num_return_sequences: int = 1) -> list[list[int]]:
+        """transformers' beam search (reformulation.beam's bookkeeping): the best num_return_sequences
+        token lists per input (decoder start token first, EOS last where one was produced)."""
+        from reformulation.beam import BeamSearch
+
+        input_ids = np.ascontiguousarray(input_ids, dtype=np.int64)
+        if attention_mask is None:
+            attention_mask = np.ones_like(input_ids)
+        B, nb = input_ids.shape[0], num_beams
+        search = BeamSearch(B, nb, max_new_tokens, self.eos.tolist(), length_penalty, early_stopping)
+        mask = np.repeat(np.ascontiguousarray(attention_mask, dtype=np.int64), nb, axis=0)
+        cross_kv = np.repeat(self.encode(input_ids, mask[::nb]), nb, axis=2)
+        cache = np.empty((max_new_tokens, self.layers, 2, B * nb, self.heads, self.d_kv), np.float32)
+        tokens = np.full((B * nb,), self.start, np.int64)
+        for t in range(max_new_tokens):
+            logits, cache[t] = self.decoder.run(None, {
+                "input_ids": tokens, "distances": np.arange(t, -1, -1, dtype=np.int64), "past": cache[:t],
+                "cross_kv": cross_kv, "attention_mask": mask})
+            logp = logits - logits.max(axis=-1, keepdims=True)
+            logp -= np.log(np.exp(logp).sum(axis=-1, keepdims=True))
+            if t < min_new_tokens:
+                logp[:, self.eos] = -np.inf
+            scores = (logp + search.running_scores.reshape(-1, 1)).reshape(B, -1)
+            top = np.argpartition(-scores, search.candidates - 1, axis=-1)[:, :search.candidates]
+            step = search.step(t, np.take_along_axis(scores, top, axis=-1), top, logits.shape[-1])
+            if step is None:
+                break
+            source, tokens = step
+            cache[:t + 1] = cache[:t + 1, :, :, source]  # beams never move between inputs
+        return [[self.start] + seq for seq in search.sequences(num_return_sequences)]
+
+    def describe(self) -> dict:
+        return {"parameters": self.info.get("parameters"), "d_model": self.config["d_model"],
+                "layers": [self.config["num_layers"], self.layers], "quantization": self.info.get("quantization"),
+                "onnxruntime_threads": self.threads}
+
+
+def _sample(logits: np.ndarray, temperature: float, rng: np.random.Generator) -> np.ndarray:
+    """One token per row from softmax(logits / temperature) (transformers' do_sample with top_k=0)."""
+    z = logits.astype(np.float64) / temperature
+    z -= z.max(axis=-1, keepdims=True)
+    p = np.exp(z)
+    p /= p.sum(axis=-1, keepdims=True)
+    u = rng.random((p.shape[0], 1))
+    return np.minimum((p.cumsum(axis=-1) < u).sum(axis=-1), p.shape[1] - 1)
+
+
+def _read_json(path: Path) -> dict:
+    if not path.is_file():
+        raise OnnxLoadError(f"{path.parent}: no {path.name} (is this a folder written by `python -m convert to-onnx`?)")
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError) as err:
+        raise OnnxLoadError(f"{path}: not readable JSON ({_first_line(err)})") from None
+    if not isinstance(data, dict):
+        raise OnnxLoadError(f"{path}: expected a JSON object, got {type(data).__name__}")
+    return data
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
+
+
+def is_onnx_folder(path) -> bool:
+    return (Path(path).expanduser() / MARKER).is_file()
+
+
+def load(folder, threads: int = 1, tokenizer: Optional[str] = None):
+    """(OnnxT5, tokenizer) from a folder written by onnx_t5.export."""
+    from transformers import AutoTokenizer
+
+    folder = Path(folder).expanduser()
+    if not folder.is_dir():
+        raise OnnxLoadError(f"{folder}: no such folder")
+    model = OnnxT5(folder, threads=threads)
+    try:
+        tok = AutoTokenizer.from_pretrained(tokenizer or str(folder))
+    except (OSError, ValueError) as err:
+        raise OnnxLoadError(f"{tokenizer or folder}: no tokenizer ({_first_line(err)})") from None
+    return model, tok
+
+
