@@ -1,6 +1,6 @@
 """HTTP API for query reformulation (FastAPI + uvicorn), micro-batched on one model thread.
 
-    python api.py --model runs/base/final [--backend mlx|torch-int8|torch] [--port 8000]
+    python api.py --model runs/base/final [--backend mlx|onnx|torch-int8|torch] [--port 8000]
     curl -s localhost:8000/v1/reformulate -H 'content-type: application/json' \\
          -d '{"query": "Who lived longer, Nikola Tesla or Milutin Milankovic?"}'
     # {"subqueries": [["Nikola Tesla lifespan", "Milutin Milankovic lifespan"]], "model": ..., "latency_ms": ...}
@@ -199,7 +199,7 @@ class ErrorResponse(BaseModel):
 class ReformulateResponse(BaseModel):
     subqueries: list[list[str]] = Field(description="One list of subqueries per input query, in input order.")
     model: str = Field(description="The model folder or hub id being served.")
-    backend: str = Field(description="mlx, torch-int8 or torch.")
+    backend: str = Field(description="mlx, onnx, torch-int8 or torch.")
     latency_ms: float = Field(description="Server time for this request, queueing included.")
 
 
@@ -406,8 +406,11 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python api.py", description=__doc__.splitlines()[0])
     add_model_args(parser)
     parser.add_argument("--threads", type=int, default=None,
-                        help="CPU threads for the model (torch intra-op / OpenBLAS); default: 1 for torch-int8, "
-                             "else the library's")
+                        help="CPU threads for the model (torch intra-op / OpenBLAS / ONNX Runtime); default: 1 for "
+                             "onnx and torch-int8, else the library's")
+    parser.add_argument("--onnx-batches", action="store_true",
+                        help="onnx backend: generate a micro-batch as one batch (~2.7x throughput under load) "
+                             "instead of query by query; an answer can then depend on its batch at near-tie tokens")
     parser.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1: this machine only)")
     parser.add_argument("--port", type=int, default=8000)
     parser.add_argument("--max-batch", type=int, default=16, help="most queries generated together (default 16)")
@@ -447,6 +450,10 @@ def main(argv=None) -> int:
     try:
         backend = make_backend(args.backend)
         load_options = {k: v for k, v in (("dtype", args.dtype), ("threads", args.threads)) if v is not None}
+        if args.onnx_batches:
+            if args.backend != "onnx":
+                parser.error("--onnx-batches applies to --backend onnx")
+            load_options["exact_batches"] = False
         app = create_app(backend, model=args.model, load_options=load_options,
                          max_batch=args.max_batch, batch_window_ms=args.batch_window_ms, limits=limits,
                          ignore_eos=args.ignore_eos)

@@ -23,20 +23,25 @@ BACKENDS = ("mlx", "onnx", "torch-int8", "torch")
 
 
 def default_backend() -> str:
-    """The faster backend here: MLX on Apple Silicon (Metal), torch on CUDA, torch dynamic int8 on other CPUs."""
+    """The fastest backend here: MLX on Apple Silicon (Metal), torch on CUDA, ONNX Runtime int8 on other CPUs
+    (torch dynamic int8 where onnxruntime is not installed)."""
     if sys.platform == "darwin" and platform.machine() == "arm64":
         return "mlx"
     try:
         import torch
     except ImportError:
-        return "mlx"  # the only one installed
-    if torch.cuda.is_available():
-        return "torch"  # Int8Linear's int8 kernel is the CPU one; on CUDA it falls back to float matmuls
-    # Linux x86 CPU, flan-t5-small shape, 24-token queries -> 30 tokens, the two backends interleaved query by
-    # query on the shared 2-core dev box (bench/serve_bench.py, BENCHMARKS.md "Serving"): torch-int8 p50 949 ms
-    # and 512 CPU-ms/query vs MLX fp32 + OpenBLAS 1510 ms and 781 CPU-ms/query. Each token reads the 32128 x 512
-    # output head: 16 MB in int8 vs 66 MB in fp32, and MLX's CPU quantized matmul is no faster than fp32.
-    return "torch-int8"
+        torch = None
+    if torch is not None and torch.cuda.is_available():
+        return "torch"  # the int8 kernels of onnx / torch-int8 are CPU ones; on CUDA float matmuls win
+    # Linux x86 CPU, flan-t5-small shape, 24-token query -> 30 tokens, 1 thread (bench/latency_bench.py,
+    # BENCHMARKS.md "Serving"): onnx int8 84 ms, torch-int8 188 ms, MLX fp32 + OpenBLAS 626 ms, torch fp32
+    # generate 755 ms. Each token reads the decoder and the 32128 x 512 head: 38 MB of int8 weights; MLX's CPU
+    # quantized matmul is slower than its fp32 one there.
+    try:
+        import onnxruntime  # noqa: F401
+    except ImportError:
+        return "torch-int8" if torch is not None else "mlx"
+    return "onnx"
 
 
 class BackendError(RuntimeError):
@@ -47,8 +52,8 @@ def add_model_args(parser) -> None:
     """The model flags chat.py and api.py share: --model, --backend, --dtype."""
     parser.add_argument("--model", required=True, help="model folder (HF layout, int8 or adapter) or hub id")
     parser.add_argument("--backend", choices=BACKENDS, default=None,
-                        help="inference backend (default: mlx on Apple Silicon, torch on CUDA, torch-int8 on "
-                             "other CPUs: the fastest measured, see docs/serving.md)")
+                        help="inference backend (default: mlx on Apple Silicon, torch on CUDA, onnx on other "
+                             "CPUs: the fastest measured, see docs/serving.md)")
     parser.add_argument("--dtype", choices=["float32", "bfloat16"], default=None,
                         help="weights dtype (default: as saved)")
 
@@ -409,11 +414,17 @@ class OnnxBackend(Backend):
 
     name = "onnx"
 
+    def __init__(self):
+        super().__init__()
+        self.exact_batches = True
+
     def load(self, path, dtype: Optional[str] = None, tokenizer: Optional[str] = None,
-             threads: Optional[int] = None) -> "OnnxBackend":
+             threads: Optional[int] = None, exact_batches: bool = True) -> "OnnxBackend":
         """dtype: None = int8 (or as the ONNX folder was exported), "float32" = export without quantizing.
         threads: ONNX Runtime intra-op threads; default 1 (one decoding row is too small to split:
-        BENCHMARKS.md#serving)."""
+        BENCHMARKS.md#serving). exact_batches (default): generate the queries of a batch one by one, so an
+        answer never depends on what it was batched with; False: as one batch, ~2.7x the throughput at 16
+        queries, but a near-tie token can then come out differently (7 of 400 queries, BENCHMARKS.md)."""
         import tempfile
 
         try:
@@ -444,7 +455,9 @@ class OnnxBackend(Backend):
             raise BackendError(f"{path}: could not load ({type(err).__name__}: {_first_line(err)})") from None
         self.model, self.tokenizer, self.path = model, tok, str(path)
         quantization = model.info.get("quantization")
-        self.options = {"dtype": f"int{quantization['bits']}" if quantization else "float32"}
+        self.options = {"dtype": f"int{quantization['bits']}" if quantization else "float32",
+                        "exact_batches": exact_batches}
+        self.exact_batches = exact_batches
         self.load_seconds = time.perf_counter() - start
         return self
 
@@ -455,13 +468,21 @@ class OnnxBackend(Backend):
         return batch["input_ids"], batch["attention_mask"]
 
     def _generate(self, queries, num_beams, max_new_tokens, temperature, ignore_eos):
+        # MLAS's int8 kernels take rows in pairs and a lone row on another path (other rounding): a query's
+        # answer would depend on its batch at near-ties. exact_batches keeps every query on the one-row path.
+        groups = [[q] for q in queries] if self.exact_batches else [queries]
+        return [text for group in groups
+                for text in self._generate_batch(group, num_beams, max_new_tokens, temperature, ignore_eos)]
+
+    def _generate_batch(self, queries, num_beams, max_new_tokens, temperature, ignore_eos):
         ids, mask = self._encode(queries)
+        min_new = max_new_tokens if ignore_eos else 0
         if num_beams > 1:
             out = self.model.beam_search(ids, mask, max_new_tokens=max_new_tokens, num_beams=num_beams,
-                                         min_new_tokens=max_new_tokens if ignore_eos else 0)
-            return [t.strip() for t in self.tokenizer.batch_decode(out, skip_special_tokens=True)]
-        out = self.model.generate(ids, mask, max_new_tokens=max_new_tokens, temperature=temperature,
-                                  min_new_tokens=max_new_tokens if ignore_eos else 0)
+                                         min_new_tokens=min_new)
+        else:
+            out = self.model.generate(ids, mask, max_new_tokens=max_new_tokens, temperature=temperature,
+                                      min_new_tokens=min_new)
         return [t.strip() for t in self.tokenizer.batch_decode(out, skip_special_tokens=True)]
 
     def _stream(self, query, max_new_tokens, temperature):

@@ -1,6 +1,6 @@
 """Terminal REPL for query reformulation: type a question, get its subqueries as they are generated.
 
-    python chat.py --model runs/base/final [--backend mlx|torch-int8|torch] [--dtype bfloat16]
+    python chat.py --model runs/base/final [--backend mlx|onnx|torch-int8|torch] [--dtype bfloat16]
     echo "Who lived longer, Tesla or Milankovic?" | python chat.py --model runs/base/final
     # {"query": "...", "subqueries": ["Nikola Tesla lifespan", "Milutin Milankovic lifespan"], "latency_ms": ...}
 

@@ -1,7 +1,9 @@
 """Greedy decoding latency at batch 1: MLX fp32 / bf16 / q8 / q4 against torch fp32 / int8, same weights.
 
 torch-fp32 / torch-int8 decode with torch_t5.greedy (what api.py and chat.py run); torch-*-generate
-decode the same models with transformers' generate, the baseline of the ratios.
+decode the same models with transformers' generate, the baseline of the ratios; onnx-int8 / onnx-fp32
+run the model exported by onnx_t5 in ONNX Runtime (the onnx serving backend; 1 thread unless
+OMP_NUM_THREADS says otherwise).
 
     python bench/latency_bench.py                          # flan-t5-small shape, random init
     python bench/latency_bench.py --repeats 15 --backends mlx-fp32 mlx-q8 torch-fp32
@@ -38,8 +40,8 @@ SHARED = ROOT.parent / "shared"
 TOKENIZER = SHARED / "tokenizers" / "flan-t5-small"
 QUERY = "Who lived longer, Nikola Tesla or Milutin Milankovic, and which of them was born in the Austrian Empire?"
 # torch-*: torch_t5.greedy (what api.py / chat.py run); torch-*-generate: transformers' generate, same model
-BACKENDS = ("mlx-fp32", "mlx-bf16", "mlx-q8", "mlx-q4", "torch-fp32", "torch-int8", "torch-fp32-generate",
-            "torch-int8-generate")
+BACKENDS = ("mlx-fp32", "mlx-bf16", "mlx-q8", "mlx-q4", "onnx-int8", "onnx-fp32", "torch-fp32", "torch-int8",
+            "torch-fp32-generate", "torch-int8-generate")
 
 
 def input_ids(tokenizer, length: int) -> list[int]:
@@ -99,6 +101,29 @@ def torch_runner(model, backend: str, ids: list[int], new_tokens: int):
     return run
 
 
+def onnx_runner(model, folder: Path, backend: str, ids: list[int], new_tokens: int):
+    """onnx_t5 (the onnx serving backend): the model exported to ONNX Runtime, int8 or float32, 1 thread."""
+    import numpy as np
+
+    from onnx_t5 import OnnxT5
+    from onnx_t5.export import export_graphs
+
+    folder.mkdir(parents=True)
+    info = export_graphs(model, folder, quantize=backend == "onnx-int8")
+    model.config.save_pretrained(folder)
+    model.generation_config.save_pretrained(folder)
+    atomic_write_json(folder / "onnx.json", {"format": "onnx-t5", **info})
+    onnx_model = OnnxT5(folder, threads=int(os.environ.get("OMP_NUM_THREADS", 1)))
+    x = np.array([ids])
+    mask = np.ones_like(x)
+
+    def run():
+        out = onnx_model.generate(x, mask, max_new_tokens=new_tokens, min_new_tokens=new_tokens)
+        assert out.shape[1] == new_tokens + 1, out.shape
+
+    return run
+
+
 def measure(runs: dict, warmup: int, repeats: int, progress, task) -> dict[str, list[float]]:
     """Round-robin: repeat r times every backend in turn, so a busy moment of the machine hits all alike."""
     for run in runs.values():
@@ -146,6 +171,8 @@ def main(argv=None) -> int:
             for backend in args.backends:
                 if backend.startswith("mlx"):
                     runs[backend] = mlx_runner(folder, backend, ids, args.new_tokens)
+                elif backend.startswith("onnx"):
+                    runs[backend] = onnx_runner(torch_model, Path(tmp) / backend, backend, ids, args.new_tokens)
                 else:
                     runs[backend] = torch_runner(torch_model, backend, ids, args.new_tokens)
         with Progress(console=console, transient=True) as progress:
