@@ -1,6 +1,6 @@
 """Serving latency and throughput through HTTP, one backend after another.
 
-    python bench/serve_bench.py                       # mlx and torch-int8, flan-t5-small shape, random init
+    python bench/serve_bench.py                       # onnx, torch-int8, mlx; flan-t5-small shape, random init
     python bench/serve_bench.py --backends mlx --requests 100 --model runs/base/final
 
 Starts `python api.py --ignore-eos` for each backend on a free local port, sends 24-token queries
@@ -91,7 +91,9 @@ def free_port() -> int:
 def start_server(model: Path, backend: str, port: int, threads, args) -> subprocess.Popen:
     import httpx
 
-    cmd = [sys.executable, str(ROOT / "api.py"), "--model", str(model), "--backend", backend, "--port", str(port),
+    # "onnx-batches": the onnx backend generating each micro-batch as one batch (api.py --onnx-batches)
+    flags = ["--backend", "onnx", "--onnx-batches"] if backend == "onnx-batches" else ["--backend", backend]
+    cmd = [sys.executable, str(ROOT / "api.py"), "--model", str(model), *flags, "--port", str(port),
            "--ignore-eos", "--log-level", "warning", "--timeout", "600", "--max-batch", str(args.max_batch),
            "--batch-window-ms", str(args.batch_window_ms)] + (["--threads", str(threads)] if threads else [])
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
@@ -228,7 +230,8 @@ def main(argv=None) -> int:
     from backends import BACKENDS
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--backends", default="mlx,torch-int8", help=f"comma-separated, from {', '.join(BACKENDS)}")
+    parser.add_argument("--backends", default="onnx,torch-int8,mlx",
+                        help=f"comma-separated, from {', '.join(BACKENDS)} and onnx-batches (onnx with --onnx-batches)")
     parser.add_argument("--model", type=Path, default=None, help="model folder (default: flan-t5-small shape, random)")
     parser.add_argument("--requests", type=int, default=40, help="requests at concurrency 1 (default 40)")
     parser.add_argument("--warmup", type=int, default=5)
@@ -246,7 +249,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     args.concurrency = [int(c) for c in args.concurrency.split(",") if c]
     backends = [b for b in args.backends.split(",") if b]
-    unknown = [b for b in backends if b not in BACKENDS]
+    unknown = [b for b in backends if b not in BACKENDS + ("onnx-batches",)]
     console = Console(width=None if sys.stdout.isatty() else 120)  # logs keep the whole table
     if unknown:
         console.print(f"[red]error:[/] unknown backend(s) {unknown}; choose from {', '.join(BACKENDS)}")
@@ -275,7 +278,8 @@ def main(argv=None) -> int:
         direct = {}
         if args.direct and len(backends) > 1:
             with console.status(f"in-process A/B, {args.direct} queries, backends interleaved"):
-                direct = direct_ab(Path(model), backends, queries, args.direct, args.new_tokens)
+                direct = direct_ab(Path(model), [b for b in backends if b != "onnx-batches"], queries, args.direct,
+                                   args.new_tokens)
 
     table = Table(title=f"serving, {args.query_tokens}-token queries -> {args.new_tokens} tokens, through HTTP")
     for column in ("backend", "threads", "clients", "n", "p50 ms", "p95 ms", "q/s", "CPU ms/q", "max batch"):
