@@ -268,6 +268,11 @@ def export(model_path, out_dir, quantize: bool = True, block_size: int = BLOCK_S
         raise ExportError(f"{model_path} is already an ONNX folder")
     if not source.exists() and (str(model_path).startswith((".", "/", "~")) or str(model_path).count("/") > 1):
         raise ExportError(f"{model_path}: no such folder (and not a hub id)")
+    from transformers.utils import logging as hf_logging
+
+    verbosity, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
+    hf_logging.set_verbosity_error()  # no "Loading weights" bar or tying notes in a REPL or server log
+    hf_logging.disable_progress_bar()
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -276,6 +281,10 @@ def export(model_path, out_dir, quantize: bool = True, block_size: int = BLOCK_S
     except (OSError, ValueError) as err:
         raise ExportError(f"{model_path}: could not load a T5 checkpoint ({type(err).__name__}: "
                           f"{str(err).strip().splitlines()[0] if str(err).strip() else ''})") from None
+    finally:
+        hf_logging.set_verbosity(verbosity)
+        if bars:
+            hf_logging.enable_progress_bar()
     out = Path(out_dir).expanduser()
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
