@@ -14,7 +14,7 @@ import numpy as np
 from mlx_lm.sample_utils import make_sampler
 
 from reformulation.beam import BeamSearch
-from reformulation.data import format_source
+from reformulation.data import format_source, text_pieces
 
 from .model import Model
 
@@ -265,8 +265,9 @@ def stream_generate(model: Model, tokenizer, query: str, *, raw: bool = False, m
 
     Takes the options of `generate`, but decodes greedily or by sampling only (beam search knows its
     answer only at the end): num_beams and num_return_sequences must be 1. Each step decodes the whole
-    prefix and yields the new suffix, so SentencePiece word-start spaces come out right; the pieces join
-    to exactly what `generate` returns with the same options. The prompt is built as in `generate`.
+    prefix and yields the new suffix (reformulation.data.text_pieces), so SentencePiece word-start spaces
+    come out right; the pieces join to what `generate` returns with the same options, stripped of
+    surrounding whitespace. The prompt is built as in `generate`.
     """
     if num_beams != 1 or num_return_sequences != 1:
         raise ValueError("stream_generate decodes one sequence greedily or by sampling: num_beams and "
@@ -278,14 +279,12 @@ def stream_generate(model: Model, tokenizer, query: str, *, raw: bool = False, m
         mx.random.seed(seed)
     eos_ids = _eos_ids(model)
     next_token = _make_next_token(temperature, top_k, top_p, model.args.vocab_size)
-    ids, text = [], ""
-    for step in _iterate(model, mx.array(enc["input_ids"]), mx.array(enc["attention_mask"]), max_new_tokens,
-                         next_token, ignore_eos=False):
-        token = int(step[0])
-        ids.append(token)
-        new = _decode(tokenizer, ids)
-        if new.startswith(text) and len(new) > len(text):
-            yield new[len(text):]
-            text = new
-        if token in eos_ids:
-            break
+
+    def tokens():
+        for step in _iterate(model, mx.array(enc["input_ids"]), mx.array(enc["attention_mask"]), max_new_tokens,
+                             next_token, ignore_eos=False):
+            yield int(step[0])
+            if int(step[0]) in eos_ids:
+                return
+
+    yield from text_pieces(tokenizer, tokens())

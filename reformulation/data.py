@@ -135,11 +135,12 @@ def parse_subqueries(text: str) -> list[str]:
 
 def text_pieces(tokenizer, token_ids) -> Iterator[str]:
     """Streaming detokenisation: after each token decode the whole prefix and yield what it adds, so
-    SentencePiece word-start spaces come out right. The pieces join to the decoded sequence, stripped."""
+    SentencePiece word-start spaces come out right. The pieces join to the decoded sequence, stripped.
+    No clean-up of spaces: it would rewrite text across token boundaries."""
     ids, text = [], ""
     for token in token_ids:
         ids.append(int(token))
-        new = tokenizer.decode(ids, skip_special_tokens=True).strip()
+        new = tokenizer.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False).strip()
         if new.startswith(text) and len(new) > len(text):
             yield new[len(text):]
             text = new
