@@ -1,14 +1,15 @@
 """transformers T5 -> two ONNX graphs for ONNX Runtime: the encoder, and one decoder step.
 
     encoder.onnx   input_ids (B, S), attention_mask (B, S)
-                   -> cross_kv (layers, 2, B, heads, S, d_kv): every decoder layer's cross-attention K/V
-    decoder.onnx   input_ids (B,), distances (t + 1,), past (t, layers, 2, B, heads, d_kv), cross_kv,
-                   attention_mask (B, S)
-                   -> logits (B, vocab), new_kv (layers, 2, B, heads, d_kv): this position's self-attention K/V
+                   -> cross_key_0, cross_value_0, ... (B, heads, S, d_kv): each decoder layer's
+                      cross-attention keys and values
+    decoder.onnx   input_ids (B,), distances (t + 1,), attention_mask (B, S), the cross K/V,
+                   past_key_0, past_value_0, ... (B, heads, t, d_kv)
+                   -> logits (B, vocab), present_key_0, present_value_0, ... (B, heads, t + 1, d_kv)
 
-The step takes the self-attention cache time-major, so the runtime's preallocated buffer sliced to
-``[:t]`` is contiguous and goes in without a copy; ``distances`` (t, t-1, ..., 0) index a table of T5's
-decoder position bias, which stops changing at ``relative_attention_max_distance``.
+Attention is ONNX Runtime's fused ``MultiHeadAttention`` (with the past K/V and T5's additive bias), so a
+decoder step is ~240 kernels; ``distances`` (t, t-1, ..., 0) index a table of T5's decoder position
+bias, which stops changing at ``relative_attention_max_distance``.
 
 Every projection (and the LM head) becomes ONNX Runtime's ``MatMulNBits`` with 8-bit weights in blocks
 of 128 along the input (one scale each, symmetric) and ``accuracy_level=4``: activations are quantized to
@@ -49,8 +50,34 @@ def _modules():
     import torch
     from torch import nn
 
+    class Attention(torch.autograd.Function):
+        """ONNX Runtime's com.microsoft.MultiHeadAttention as one node (q/k/v transposes, the cache concat,
+        scores, bias, softmax and the weighted sum in one kernel); forward is the same arithmetic in torch,
+        which the exporter traces for shapes. T5 does not scale its scores: scale 1.
+        q (B, 1, H*D); self-attention: k, v (B, 1, H*D) and the past (B, H, t, D) -> (out, present k, present v);
+        cross-attention: k, v (B, H, S, D), no past -> out."""
+
+        @staticmethod
+        def forward(ctx, q, k, v, bias, past_k, past_v, heads):
+            B, _, HD = q.shape
+            q = q.view(B, 1, heads, HD // heads).transpose(1, 2)
+            if past_k is not None:
+                k = torch.cat([past_k, k.view(B, 1, heads, HD // heads).transpose(1, 2)], dim=2)
+                v = torch.cat([past_v, v.view(B, 1, heads, HD // heads).transpose(1, 2)], dim=2)
+            out = (torch.softmax(q @ k.transpose(-1, -2) + bias, dim=-1) @ v).transpose(1, 2).reshape(B, 1, HD)
+            return out if past_k is None else (out, k, v)
+
+        @staticmethod
+        def symbolic(g, q, k, v, bias, past_k, past_v, heads):
+            # inputs 3 (projection bias) and 4 (key padding mask) stay empty: _empty_inputs writes them in
+            if past_k is None or past_k.node().mustBeNone():
+                return g.op("com.microsoft::MultiHeadAttention", q, k, v, bias, num_heads_i=heads, scale_f=1.0)
+            return g.op("com.microsoft::MultiHeadAttention", q, k, v, bias, past_k, past_v, num_heads_i=heads,
+                        scale_f=1.0, outputs=3)
+
     class Encoder(nn.Module):
-        """transformers' encoder, then all decoder layers' cross-attention K/V projections as one matmul."""
+        """transformers' encoder, then all decoder layers' cross-attention K/V projections as one matmul,
+        split into one (B, heads, S, d_kv) key and value per layer."""
 
         def __init__(self, model):
             super().__init__()
@@ -64,8 +91,8 @@ def _modules():
         def forward(self, input_ids, attention_mask):
             memory = self.encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
             B, S = input_ids.shape
-            kv = self.cross_kv(memory).view(B, S, self.layers, 2, self.heads, self.d_kv)
-            return kv.permute(2, 3, 0, 4, 1, 5)  # (layers, 2, B, heads, S, d_kv)
+            kv = self.cross_kv(memory).view(B, S, 2 * self.layers, self.heads, self.d_kv).permute(2, 0, 3, 1, 4)
+            return tuple(kv.unbind(0))  # key 0, value 0, key 1, ...
 
     class DecoderStep(nn.Module):
         """One decoder position for a batch: T5Block's arithmetic with the cache passed in and out."""
@@ -95,26 +122,28 @@ def _modules():
                                                       max_distance=config.relative_attention_max_distance)
             self.register_buffer("position_bias", attn0.relative_attention_bias(buckets).detach())
 
-        def forward(self, input_ids, distances, past, cross_kv, attention_mask):
-            B, H, D = input_ids.shape[0], self.heads, self.d_kv
-            h = self.embed(input_ids)  # (B, d_model)
+        def forward(self, input_ids, distances, attention_mask, *cache):
+            """cache: each layer's cross key and value, then each layer's past key and value."""
+            B, H = input_ids.shape[0], self.heads
+            HD = H * self.d_kv
+            layers = len(self.blocks)
+            cross, past = cache[:2 * layers], cache[2 * layers:]
+            h = self.embed(input_ids).unsqueeze(1)  # (B, 1, d_model)
             bias = self.position_bias[distances.clamp(max=self.position_bias.shape[0] - 1)]  # (t + 1, H)
             bias = bias.t().reshape(1, H, 1, -1)
-            neg = torch.finfo(h.dtype).min
-            cross_bias = (1.0 - attention_mask.to(h.dtype)).reshape(B, 1, 1, -1) * neg
-            new = []
+            cross_bias = (1.0 - attention_mask.to(h.dtype)).reshape(B, 1, 1, -1) * torch.finfo(h.dtype).min
+            present = []
             for i, block in enumerate(self.blocks):
                 self_layer, cross_layer, ff_layer = block.layer
-                q, k, v = self.qkv[i](self_layer.layer_norm(h)).reshape(B, 3, H, 1, D).unbind(1)
-                keys = torch.cat([past[:, i, 0].permute(1, 2, 0, 3), k], dim=2)  # (B, H, t + 1, D)
-                values = torch.cat([past[:, i, 1].permute(1, 2, 0, 3), v], dim=2)
-                new.append(torch.stack([k, v]).reshape(2, B, H, D))
-                attn = torch.softmax(q @ keys.transpose(-1, -2) + bias, dim=-1) @ values  # T5: no 1/sqrt(d)
-                h = h + self_layer.SelfAttention.o(attn.reshape(B, H * D))
-                cross = cross_layer.EncDecAttention
-                q = cross.q(cross_layer.layer_norm(h)).reshape(B, H, 1, D)
-                attn = torch.softmax(q @ cross_kv[i, 0].transpose(-1, -2) + cross_bias, dim=-1) @ cross_kv[i, 1]
-                h = h + cross.o(attn.reshape(B, H * D))
+                qkv = self.qkv[i](self_layer.layer_norm(h))
+                attn, key, value = Attention.apply(qkv[..., :HD], qkv[..., HD:2 * HD], qkv[..., 2 * HD:], bias,
+                                                   past[2 * i], past[2 * i + 1], H)
+                present += [key, value]
+                h = h + self_layer.SelfAttention.o(attn)
+                cross_attn = cross_layer.EncDecAttention
+                q = cross_attn.q(cross_layer.layer_norm(h))
+                attn = Attention.apply(q, cross[2 * i], cross[2 * i + 1], cross_bias, None, None, H)
+                h = h + cross_attn.o(attn)
                 ff = ff_layer.DenseReluDense
                 x = self.wi[i](ff_layer.layer_norm(h))
                 if hasattr(ff, "wi_0"):
@@ -126,9 +155,23 @@ def _modules():
             h = self.final_norm(h)
             if self.rescale:
                 h = h * (self.d_model ** -0.5)
-            return self.lm_head(h), torch.stack(new)
+            return (self.lm_head(h)[:, 0], *present)
 
     return Encoder, DecoderStep
+
+
+def cache_names(layers: int, kind: str) -> list[str]:
+    """Graph input / output names of the per-layer K/V tensors: cross_key_0, cross_value_0, cross_key_1, ..."""
+    return [f"{kind}_{part}_{i}" for i in range(layers) for part in ("key", "value")]
+
+
+def _empty_inputs(graph) -> None:
+    """MultiHeadAttention's optional inputs 3 and 4 (unused here) as empty names, which torch cannot emit."""
+    for node in graph.graph.node:
+        if node.op_type == "MultiHeadAttention":
+            names = list(node.input)
+            del node.input[:]
+            node.input.extend(names[:3] + ["", ""] + names[3:])
 
 
 def _fused(torch, nn, layers):
@@ -141,13 +184,20 @@ def _fused(torch, nn, layers):
 
 
 def _export(module, args, path: Path, names_in, names_out, dynamic) -> None:
+    import onnx
     import torch
 
-    with warnings.catch_warnings(), torch.inference_mode(False), torch.no_grad():
-        # the TorchScript exporter warns that it is deprecated and about traced shape arithmetic
-        warnings.simplefilter("ignore")
-        torch.onnx.export(module, args, str(path), input_names=names_in, output_names=names_out,
-                          dynamic_axes=dynamic, opset_version=OPSET, do_constant_folding=True, dynamo=False)
+    # torch writes a float model over 2 GiB as one external file per tensor: into a folder of its own
+    with tempfile.TemporaryDirectory(dir=path.parent) as tmp:
+        with warnings.catch_warnings(), torch.inference_mode(False), torch.no_grad():
+            # the TorchScript exporter warns that it is deprecated and about traced shape arithmetic
+            warnings.simplefilter("ignore")
+            torch.onnx.export(module, args, str(Path(tmp) / path.name), input_names=names_in,
+                              output_names=names_out, dynamic_axes=dynamic, opset_version=OPSET,
+                              do_constant_folding=True, dynamo=False, custom_opsets={"com.microsoft": 1})
+        graph = onnx.load(str(Path(tmp) / path.name))
+    _empty_inputs(graph)
+    _save(graph, path)
 
 
 def export_graphs(model, out_dir, quantize: bool = True, block_size: int = BLOCK_SIZE) -> dict:
@@ -166,21 +216,22 @@ def export_graphs(model, out_dir, quantize: bool = True, block_size: int = BLOCK
     B, S, T = 2, 5, 3  # example shapes for tracing; every one of them is a dynamic axis
     ids = torch.full((B, S), 1, dtype=torch.long)
     mask = torch.ones((B, S), dtype=torch.long)
-    _export(Encoder(model).eval(), (ids, mask), out_dir / "encoder.onnx", ["input_ids", "attention_mask"],
-            ["cross_kv"], {"input_ids": {0: "batch", 1: "source"}, "attention_mask": {0: "batch", 1: "source"},
-                           "cross_kv": {2: "batch", 4: "source"}})
-    step_args = (torch.zeros((B,), dtype=torch.long), torch.arange(T, -1, -1), torch.zeros((T, L, 2, B, H, D)),
-                 torch.zeros((L, 2, B, H, S, D)), mask)
+    cross, past, present = cache_names(L, "cross"), cache_names(L, "past"), cache_names(L, "present")
+    _export(Encoder(model).eval(), (ids, mask), out_dir / "encoder.onnx", ["input_ids", "attention_mask"], cross,
+            {"input_ids": {0: "batch", 1: "source"}, "attention_mask": {0: "batch", 1: "source"},
+             **{name: {0: "batch", 2: "source"} for name in cross}})
+    step_args = (torch.zeros((B,), dtype=torch.long), torch.arange(T, -1, -1), mask,
+                 *[torch.zeros((B, H, S, D)) for _ in cross], *[torch.zeros((B, H, T, D)) for _ in past])
     _export(DecoderStep(model).eval(), step_args, out_dir / "decoder.onnx",
-            ["input_ids", "distances", "past", "cross_kv", "attention_mask"], ["logits", "new_kv"],
-            {"input_ids": {0: "batch"}, "distances": {0: "length"}, "past": {0: "past", 3: "batch"},
-             "cross_kv": {2: "batch", 4: "source"}, "attention_mask": {0: "batch", 1: "source"},
-             "logits": {0: "batch"}, "new_kv": {2: "batch"}})
+            ["input_ids", "distances", "attention_mask", *cross, *past], ["logits", *present],
+            {"input_ids": {0: "batch"}, "distances": {0: "length"}, "attention_mask": {0: "batch", 1: "source"},
+             **{name: {0: "batch", 2: "source"} for name in cross}, **{name: {0: "batch", 2: "past"} for name in past},
+             "logits": {0: "batch"}, **{name: {0: "batch", 2: "length"} for name in present}})
     info = {"parameters": sum(p.numel() for p in model.parameters()), "quantization": None}  # tied: counted once
     if quantize:
         for name in ("encoder.onnx", "decoder.onnx"):
             graph = onnx.load(str(out_dir / name))
-            count = quantize_matmuls(graph, block_size)
+            quantize_matmuls(graph, block_size)
             _save(graph, out_dir / name)
         info["quantization"] = {"method": "MatMulNBits", "bits": 8, "block_size": block_size, "symmetric": True,
                                 "accuracy_level": 4}
@@ -188,12 +239,14 @@ def export_graphs(model, out_dir, quantize: bool = True, block_size: int = BLOCK
 
 
 def _save(graph, path: Path) -> None:
-    """Over the torch-written file (and its external data, if the float model needed any)."""
+    """graph -> path, its weights in path.data beside it where protobuf's 2 GiB limit requires (float32
+    flan-t5-large)."""
     import onnx
 
-    for stale in path.parent.glob("*.data"):
-        stale.unlink()
-    big = graph.ByteSize() > 1_800_000_000  # protobuf's 2 GiB limit: flan-t5-large in float32
+    data = path.with_name(path.name + ".data")
+    if data.exists():
+        data.unlink()
+    big = sum(init.ByteSize() for init in graph.graph.initializer) > 1_800_000_000
     onnx.save(graph, str(path), save_as_external_data=big, location=path.name + ".data")
 
 

@@ -4,8 +4,8 @@
     model, tokenizer = load("runs/base/onnx")             # a folder written by onnx_t5.export
     ids = model.generate(input_ids, attention_mask, max_new_tokens=64)   # like transformers' generate
 
-The self-attention cache is one preallocated (max_new_tokens, layers, 2, batch, heads, d_kv) buffer: the
-step reads ``cache[:t]`` (contiguous, no copy) and returns this position's K/V, written at ``cache[t]``.
+Each step feeds the decoder graph the encoder's per-layer cross-attention K/V and the previous step's
+``present`` K/V as its ``past`` (ONNX Runtime's MultiHeadAttention appends the new position).
 """
 
 import json
@@ -14,7 +14,7 @@ from typing import Callable, Iterator, Optional
 
 import numpy as np
 
-from .export import FORMAT, MARKER
+from .export import FORMAT, MARKER, cache_names
 
 
 class OnnxLoadError(RuntimeError):
@@ -58,31 +58,47 @@ class OnnxT5:
             except Exception as err:  # onnxruntime raises its own exception types
                 raise OnnxLoadError(f"{folder / name}: onnxruntime cannot load it ({_first_line(err)})") from None
         self.encoder, self.decoder = sessions
+        self._cross, self._past = cache_names(self.layers, "cross"), cache_names(self.layers, "past")
 
-    def encode(self, input_ids: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
-        """(layers, 2, batch, heads, source, d_kv): every decoder layer's cross-attention keys and values."""
-        return self.encoder.run(None, {"input_ids": input_ids, "attention_mask": attention_mask})[0]
+    def encode(self, input_ids: np.ndarray, attention_mask: np.ndarray) -> list[np.ndarray]:
+        """Every decoder layer's cross-attention key and value, (batch, heads, source, d_kv) each."""
+        return self.encoder.run(None, {"input_ids": input_ids, "attention_mask": attention_mask})
+
+    def begin(self, input_ids, attention_mask=None, repeat: int = 1) -> dict:
+        """The decoder feed before the first step: the encoder's outputs and an empty past (each row
+        repeated `repeat` times: beams). Pass it to step() position by position."""
+        input_ids = np.ascontiguousarray(input_ids, dtype=np.int64)
+        if attention_mask is None:
+            attention_mask = np.ones_like(input_ids)
+        attention_mask = np.ascontiguousarray(attention_mask, dtype=np.int64)
+        cross = self.encode(input_ids, attention_mask)
+        if repeat > 1:
+            cross = [np.repeat(kv, repeat, axis=0) for kv in cross]
+            attention_mask = np.repeat(attention_mask, repeat, axis=0)
+        B = attention_mask.shape[0]
+        empty = np.zeros((B, self.heads, 0, self.d_kv), np.float32)
+        return {"attention_mask": attention_mask, **dict(zip(self._cross, cross)),
+                **{name: empty for name in self._past}}
+
+    def step(self, feed: dict, ids: np.ndarray, t: int) -> np.ndarray:
+        """Run position t for ids; the feed's past becomes the new present. Returns (rows, vocab) logits."""
+        feed["input_ids"], feed["distances"] = ids, np.arange(t, -1, -1, dtype=np.int64)
+        logits, *present = self.decoder.run(None, feed)
+        feed.update(zip(self._past, present))
+        return logits
 
     def steps(self, input_ids, attention_mask=None, max_new_tokens: int = 64, min_new_tokens: int = 0,
               temperature: float = 0.0, rng: Optional[np.random.Generator] = None) -> Iterator[np.ndarray]:
         """Yield the (batch,) next token ids step by step until every row has produced EOS (rows that
         ended get pad_token_id). temperature > 0 samples from softmax(logits / temperature)."""
-        input_ids = np.ascontiguousarray(input_ids, dtype=np.int64)
-        if attention_mask is None:
-            attention_mask = np.ones_like(input_ids)
-        attention_mask = np.ascontiguousarray(attention_mask, dtype=np.int64)
-        B = input_ids.shape[0]
-        cross_kv = self.encode(input_ids, attention_mask)
-        cache = np.empty((max_new_tokens, self.layers, 2, B, self.heads, self.d_kv), np.float32)
+        feed = self.begin(input_ids, attention_mask)
+        B = feed["attention_mask"].shape[0]
         ids = np.full((B,), self.start, np.int64)
         unfinished = np.ones(B, bool)
         if temperature > 0 and rng is None:
             rng = np.random.default_rng()
         for t in range(max_new_tokens):
-            logits, new_kv = self.decoder.run(None, {
-                "input_ids": ids, "distances": np.arange(t, -1, -1, dtype=np.int64), "past": cache[:t],
-                "cross_kv": cross_kv, "attention_mask": attention_mask})
-            cache[t] = new_kv
+            logits = self.step(feed, ids, t)
             if t < min_new_tokens:
                 logits[:, self.eos] = -np.inf
             ids = _sample(logits, temperature, rng) if temperature > 0 else logits.argmax(axis=-1)
@@ -111,19 +127,12 @@ class OnnxT5:
         token lists per input (decoder start token first, EOS last where one was produced)."""
         from reformulation.beam import BeamSearch
 
-        input_ids = np.ascontiguousarray(input_ids, dtype=np.int64)
-        if attention_mask is None:
-            attention_mask = np.ones_like(input_ids)
-        B, nb = input_ids.shape[0], num_beams
+        B, nb = np.shape(input_ids)[0], num_beams
         search = BeamSearch(B, nb, max_new_tokens, self.eos.tolist(), length_penalty, early_stopping)
-        mask = np.repeat(np.ascontiguousarray(attention_mask, dtype=np.int64), nb, axis=0)
-        cross_kv = np.repeat(self.encode(input_ids, mask[::nb]), nb, axis=2)
-        cache = np.empty((max_new_tokens, self.layers, 2, B * nb, self.heads, self.d_kv), np.float32)
+        feed = self.begin(input_ids, attention_mask, repeat=nb)
         tokens = np.full((B * nb,), self.start, np.int64)
         for t in range(max_new_tokens):
-            logits, cache[t] = self.decoder.run(None, {
-                "input_ids": tokens, "distances": np.arange(t, -1, -1, dtype=np.int64), "past": cache[:t],
-                "cross_kv": cross_kv, "attention_mask": mask})
+            logits = self.step(feed, tokens, t)
             logp = logits - logits.max(axis=-1, keepdims=True)
             logp -= np.log(np.exp(logp).sum(axis=-1, keepdims=True))
             if t < min_new_tokens:
@@ -134,7 +143,8 @@ class OnnxT5:
             if step is None:
                 break
             source, tokens = step
-            cache[:t + 1] = cache[:t + 1, :, :, source]  # beams never move between inputs
+            for name in self._past:  # beams never move between inputs
+                feed[name] = feed[name][source]
         return [[self.start] + seq for seq in search.sequences(num_return_sequences)]
 
     def describe(self) -> dict:

@@ -27,17 +27,8 @@ def exported(model, folder, quantize: bool) -> OnnxT5:
 
 def step_logits(onnx_model: OnnxT5, batch, decoder_ids: np.ndarray) -> np.ndarray:
     """(batch, steps, vocab) logits of the decoder graph fed decoder_ids one position at a time."""
-    ids, mask = batch["input_ids"].numpy(), batch["attention_mask"].numpy()
-    cross = onnx_model.encode(ids, mask)
-    past = np.zeros((0, onnx_model.layers, 2, ids.shape[0], onnx_model.heads, onnx_model.d_kv), np.float32)
-    out = []
-    for t in range(decoder_ids.shape[1]):
-        logits, new_kv = onnx_model.decoder.run(None, {
-            "input_ids": decoder_ids[:, t], "distances": np.arange(t, -1, -1), "past": past, "cross_kv": cross,
-            "attention_mask": mask})
-        past = np.concatenate([past, new_kv[None]])
-        out.append(logits)
-    return np.stack(out, axis=1)
+    feed = onnx_model.begin(batch["input_ids"].numpy(), batch["attention_mask"].numpy())
+    return np.stack([onnx_model.step(feed, decoder_ids[:, t], t) for t in range(decoder_ids.shape[1])], axis=1)
 
 
 @pytest.mark.parametrize("shape", list(SHAPES))
@@ -104,6 +95,8 @@ def test_int8_export_quantizes_every_projection(shape, tokenizer, tmp_path):
         graph = onnx.load(str(tmp_path / f"{name}.onnx")).graph
         weights = {init.name for init in graph.initializer if len(init.dims) == 2 and init.data_type == 1}
         assert sum(node.op_type == "MatMulNBits" for node in graph.node) == expected
+        attention = sum(node.op_type == "MultiHeadAttention" for node in graph.node)
+        assert attention == (2 * config.num_decoder_layers if name == "decoder" else 0)
         assert not [n for n in graph.node if n.op_type in ("MatMul", "Gemm") and set(n.input) & weights]
     batch = tokenizer(QUERIES, return_tensors="pt", padding=True)
     decoder_ids = hf_generate(model, batch, max_new_tokens=10)[:, :-1]
