@@ -71,9 +71,13 @@ def _modules():
         def symbolic(g, q, k, v, bias, past_k, past_v, heads):
             # inputs 3 (projection bias) and 4 (key padding mask) stay empty: _empty_inputs writes them in
             if past_k is None or past_k.node().mustBeNone():
-                return g.op("com.microsoft::MultiHeadAttention", q, k, v, bias, num_heads_i=heads, scale_f=1.0)
-            return g.op("com.microsoft::MultiHeadAttention", q, k, v, bias, past_k, past_v, num_heads_i=heads,
-                        scale_f=1.0, outputs=3)
+                outputs = [g.op("com.microsoft::MultiHeadAttention", q, k, v, bias, num_heads_i=heads, scale_f=1.0)]
+            else:
+                outputs = g.op("com.microsoft::MultiHeadAttention", q, k, v, bias, past_k, past_v, num_heads_i=heads,
+                               scale_f=1.0, outputs=3)
+            for out, like in zip(outputs, (q, past_k, past_v)):  # dtype and rank; every size is dynamic
+                out.setType(like.type().with_sizes([None] * (3 if like is q else 4)))
+            return outputs[0] if len(outputs) == 1 else outputs
 
     class Encoder(nn.Module):
         """transformers' encoder, then all decoder layers' cross-attention K/V projections as one matmul,
@@ -183,7 +187,7 @@ def _fused(torch, nn, layers):
     return fused
 
 
-def _export(module, args, path: Path, names_in, names_out, dynamic) -> None:
+def _export(module, args, path: Path, names_in, names_out, dynamic, contrib: bool = False) -> None:
     import onnx
     import torch
 
@@ -194,7 +198,8 @@ def _export(module, args, path: Path, names_in, names_out, dynamic) -> None:
             warnings.simplefilter("ignore")
             torch.onnx.export(module, args, str(Path(tmp) / path.name), input_names=names_in,
                               output_names=names_out, dynamic_axes=dynamic, opset_version=OPSET,
-                              do_constant_folding=True, dynamo=False, custom_opsets={"com.microsoft": 1})
+                              do_constant_folding=True, dynamo=False,
+                              custom_opsets={"com.microsoft": 1} if contrib else None)
         graph = onnx.load(str(Path(tmp) / path.name))
     _empty_inputs(graph)
     _save(graph, path)
@@ -226,7 +231,7 @@ def export_graphs(model, out_dir, quantize: bool = True, block_size: int = BLOCK
             ["input_ids", "distances", "attention_mask", *cross, *past], ["logits", *present],
             {"input_ids": {0: "batch"}, "distances": {0: "length"}, "attention_mask": {0: "batch", 1: "source"},
              **{name: {0: "batch", 2: "source"} for name in cross}, **{name: {0: "batch", 2: "past"} for name in past},
-             "logits": {0: "batch"}, **{name: {0: "batch", 2: "length"} for name in present}})
+             "logits": {0: "batch"}, **{name: {0: "batch", 2: "length"} for name in present}}, contrib=True)
     info = {"parameters": sum(p.numel() for p in model.parameters()), "quantization": None}  # tied: counted once
     if quantize:
         for name in ("encoder.onnx", "decoder.onnx"):
