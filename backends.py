@@ -34,8 +34,8 @@ def default_backend() -> str:
     if torch is not None and torch.cuda.is_available():
         return "torch"  # the int8 kernels of onnx / torch-int8 are CPU ones; on CUDA float matmuls win
     # Linux x86 CPU, flan-t5-small shape, 24-token query -> 30 tokens, 1 thread (bench/latency_bench.py,
-    # BENCHMARKS.md "Serving"): onnx int8 84 ms, torch-int8 188 ms, MLX fp32 + OpenBLAS 626 ms, torch fp32
-    # generate 755 ms. Each token reads the decoder and the 32128 x 512 head: 38 MB of int8 weights; MLX's CPU
+    # BENCHMARKS.md "Serving"): onnx int8 80 ms, torch-int8 188 ms, MLX fp32 + OpenBLAS 622 ms, torch fp32
+    # generate 740 ms. Each token reads the decoder and the 32128 x 512 head: 38 MB of int8 weights; MLX's CPU
     # quantized matmul is slower than its fp32 one there.
     try:
         import onnxruntime  # noqa: F401
