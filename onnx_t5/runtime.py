@@ -22,9 +22,10 @@ class OnnxLoadError(RuntimeError):
 
 
 class OnnxT5:
-    """An exported T5: greedy decoding and sampling over ONNX Runtime sessions.
+    """An exported T5: greedy decoding, sampling and beam search over two ONNX Runtime sessions.
 
-    Not thread safe (one cache per call, but sessions are shared): one model per worker thread.
+    Each call keeps its cache in its own feed dict, and ONNX Runtime sessions may run concurrently, so
+    calls from several threads do not interfere (api.py still drives one from a single worker).
     """
 
     def __init__(self, folder, threads: int = 1):
