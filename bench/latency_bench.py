@@ -106,13 +106,10 @@ def onnx_runner(model, folder: Path, backend: str, ids: list[int], new_tokens: i
     import numpy as np
 
     from onnx_t5 import OnnxT5
-    from onnx_t5.export import export_graphs
+    from onnx_t5.export import export_folder
 
     folder.mkdir(parents=True)
-    info = export_graphs(model, folder, quantize=backend == "onnx-int8")
-    model.config.save_pretrained(folder)
-    model.generation_config.save_pretrained(folder)
-    atomic_write_json(folder / "onnx.json", {"format": "onnx-t5", **info})
+    export_folder(model, folder, quantize=backend == "onnx-int8")
     onnx_model = OnnxT5(folder, threads=int(os.environ.get("OMP_NUM_THREADS", 1)))
     x = np.array([ids])
     mask = np.ones_like(x)

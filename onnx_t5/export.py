@@ -187,7 +187,8 @@ def _fused(torch, nn, layers):
     return fused
 
 
-def _export(module, args, path: Path, names_in, names_out, dynamic, contrib: bool = False) -> None:
+def _export(module, args, path: Path, names_in, names_out, dynamic, contrib: bool = False):
+    """The traced module as an in-memory ONNX graph (path: where it will be saved, for the temp folder)."""
     import onnx
     import torch
 
@@ -202,13 +203,14 @@ def _export(module, args, path: Path, names_in, names_out, dynamic, contrib: boo
                               custom_opsets={"com.microsoft": 1} if contrib else None)
         graph = onnx.load(str(Path(tmp) / path.name))
     _empty_inputs(graph)
-    _save(graph, path)
+    return graph
 
 
-def export_graphs(model, out_dir, quantize: bool = True, block_size: int = BLOCK_SIZE) -> dict:
-    """Write encoder.onnx and decoder.onnx for a T5ForConditionalGeneration (float32, eval mode) into
-    out_dir; returns what onnx.json records about them."""
-    import onnx
+def export_folder(model, out_dir, quantize: bool = True, block_size: int = BLOCK_SIZE, tokenizer=None,
+                  source: Optional[str] = None) -> dict:
+    """Write what onnx_t5.load reads for a T5ForConditionalGeneration into the existing folder out_dir:
+    encoder.onnx, decoder.onnx, config.json, generation_config.json, onnx.json (returned) and the tokenizer
+    if one is given."""
     import torch
 
     config = model.config
@@ -222,25 +224,32 @@ def export_graphs(model, out_dir, quantize: bool = True, block_size: int = BLOCK
     ids = torch.full((B, S), 1, dtype=torch.long)
     mask = torch.ones((B, S), dtype=torch.long)
     cross, past, present = cache_names(L, "cross"), cache_names(L, "past"), cache_names(L, "present")
-    _export(Encoder(model).eval(), (ids, mask), out_dir / "encoder.onnx", ["input_ids", "attention_mask"], cross,
-            {"input_ids": {0: "batch", 1: "source"}, "attention_mask": {0: "batch", 1: "source"},
-             **{name: {0: "batch", 2: "source"} for name in cross}})
+    encoder = _export(Encoder(model).eval(), (ids, mask), out_dir / "encoder.onnx", ["input_ids", "attention_mask"],
+                      cross, {"input_ids": {0: "batch", 1: "source"}, "attention_mask": {0: "batch", 1: "source"},
+                              **{name: {0: "batch", 2: "source"} for name in cross}})
     step_args = (torch.zeros((B,), dtype=torch.long), torch.arange(T, -1, -1), mask,
                  *[torch.zeros((B, H, S, D)) for _ in cross], *[torch.zeros((B, H, T, D)) for _ in past])
-    _export(DecoderStep(model).eval(), step_args, out_dir / "decoder.onnx",
-            ["input_ids", "distances", "attention_mask", *cross, *past], ["logits", *present],
-            {"input_ids": {0: "batch"}, "distances": {0: "length"}, "attention_mask": {0: "batch", 1: "source"},
-             **{name: {0: "batch", 2: "source"} for name in cross}, **{name: {0: "batch", 2: "past"} for name in past},
-             "logits": {0: "batch"}, **{name: {0: "batch", 2: "length"} for name in present}}, contrib=True)
-    info = {"parameters": sum(p.numel() for p in model.parameters()), "quantization": None}  # tied: counted once
-    if quantize:
-        for name in ("encoder.onnx", "decoder.onnx"):
-            graph = onnx.load(str(out_dir / name))
+    decoder = _export(DecoderStep(model).eval(), step_args, out_dir / "decoder.onnx",
+                      ["input_ids", "distances", "attention_mask", *cross, *past], ["logits", *present],
+                      {"input_ids": {0: "batch"}, "distances": {0: "length"},
+                       "attention_mask": {0: "batch", 1: "source"}, **{name: {0: "batch", 2: "source"} for name in cross},
+                       **{name: {0: "batch", 2: "past"} for name in past}, "logits": {0: "batch"},
+                       **{name: {0: "batch", 2: "length"} for name in present}}, contrib=True)
+    marker = {"format": FORMAT, "opset": OPSET, "source": source,
+              "parameters": sum(p.numel() for p in model.parameters()), "quantization": None}  # tied: counted once
+    for name, graph in (("encoder.onnx", encoder), ("decoder.onnx", decoder)):
+        if quantize:
             quantize_matmuls(graph, block_size)
-            _save(graph, out_dir / name)
-        info["quantization"] = {"method": "MatMulNBits", "bits": 8, "block_size": block_size, "symmetric": True,
-                                "accuracy_level": 4}
-    return info
+        _save(graph, out_dir / name)
+    if quantize:
+        marker["quantization"] = {"method": "MatMulNBits", "bits": 8, "block_size": block_size, "symmetric": True,
+                                  "accuracy_level": 4}
+    model.config.save_pretrained(out_dir)
+    model.generation_config.save_pretrained(out_dir)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(out_dir)
+    (out_dir / MARKER).write_text(json.dumps(marker, indent=2) + "\n")
+    return marker
 
 
 def _save(graph, path: Path) -> None:
@@ -347,12 +356,7 @@ def export(model_path, out_dir, quantize: bool = True, block_size: int = BLOCK_S
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
-        info = export_graphs(model, tmp, quantize=quantize, block_size=block_size)
-        model.config.save_pretrained(tmp)
-        model.generation_config.save_pretrained(tmp)
-        tok.save_pretrained(tmp)
-        marker = {"format": FORMAT, "opset": OPSET, "source": str(model_path), **info}
-        (tmp / MARKER).write_text(json.dumps(marker, indent=2) + "\n")
+        export_folder(model, tmp, quantize=quantize, block_size=block_size, tokenizer=tok, source=str(model_path))
         if out.exists():
             shutil.rmtree(out)
         tmp.rename(out)

@@ -1,6 +1,5 @@
 """onnx_t5: the exported graphs in ONNX Runtime against transformers (the oracle), float32 and int8."""
 
-import json
 import subprocess
 import sys
 
@@ -11,17 +10,14 @@ import torch
 
 from hf_models import QUERIES, SHAPES, ending_model, hf_generate, make_model, save_model
 from onnx_t5 import OnnxLoadError, OnnxT5, load
-from onnx_t5.export import ExportError, export, export_graphs
+from onnx_t5.export import ExportError, export, export_folder
 
 pytestmark = pytest.mark.usefixtures("torch_one_thread")  # conftest: tiny matmuls, one thread
 
 
 def exported(model, folder, quantize: bool) -> OnnxT5:
-    """The model's graphs in a folder OnnxT5 reads (what export() writes, without the tokenizer)."""
-    info = export_graphs(model, folder, quantize=quantize)
-    model.config.save_pretrained(folder)
-    model.generation_config.save_pretrained(folder)
-    (folder / "onnx.json").write_text(json.dumps({"format": "onnx-t5", **info}))
+    """The model exported into folder (no tokenizer), loaded."""
+    export_folder(model, folder, quantize=quantize)
     return OnnxT5(folder)
 
 
