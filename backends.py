@@ -423,8 +423,8 @@ class OnnxBackend(Backend):
         """dtype: None = int8 (or as the ONNX folder was exported), "float32" = export without quantizing.
         threads: ONNX Runtime intra-op threads; default 1 (one decoding row is too small to split:
         BENCHMARKS.md#serving). exact_batches (default): generate the queries of a batch one by one, so an
-        answer never depends on what it was batched with; False: as one batch, ~2.7x the throughput at 16
-        queries, but a near-tie token can then come out differently (7 of 400 queries, BENCHMARKS.md)."""
+        answer never depends on what it was batched with; False: as one batch, ~2.2x the throughput with 32
+        clients, but a near-tie token can then come out differently (7 of 400 queries, BENCHMARKS.md)."""
         import tempfile
 
         try:
