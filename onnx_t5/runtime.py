@@ -8,11 +8,12 @@ Each step feeds the decoder graph the encoder's per-layer cross-attention K/V an
 ``present`` K/V as its ``past`` (ONNX Runtime's MultiHeadAttention appends the new position).
 """
 
-import json
 from pathlib import Path
 from typing import Callable, Iterator, Optional
 
 import numpy as np
+
+from reformulation.io import read_json_object
 
 from .export import FORMAT, MARKER, cache_names
 
@@ -165,15 +166,7 @@ def _sample(logits: np.ndarray, temperature: float, rng: np.random.Generator) ->
 
 
 def _read_json(path: Path) -> dict:
-    if not path.is_file():
-        raise OnnxLoadError(f"{path.parent}: no {path.name} (is this a folder written by `python -m convert to-onnx`?)")
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, ValueError) as err:
-        raise OnnxLoadError(f"{path}: not readable JSON ({_first_line(err)})") from None
-    if not isinstance(data, dict):
-        raise OnnxLoadError(f"{path}: expected a JSON object, got {type(data).__name__}")
-    return data
+    return read_json_object(path, "a folder written by `python -m convert to-onnx`", OnnxLoadError)
 
 
 def _first_line(err: BaseException) -> str:
