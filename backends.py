@@ -164,7 +164,10 @@ class MLXBackend(Backend):
         import mlx_t5  # first: preloads OpenBLAS before mlx itself is imported
 
         if threads is not None:
-            _set_openblas_threads(threads)
+            try:
+                mlx_t5.blas.set_threads(threads)
+            except (ValueError, RuntimeError) as err:
+                raise BackendError(f"threads: {err}") from None
         start = time.perf_counter()
         try:
             if (Path(path).expanduser() / "adapters.safetensors").is_file():
@@ -198,13 +201,13 @@ class MLXBackend(Backend):
         import mlx.core as mx
         from mlx.utils import tree_flatten
 
-        from mlx_t5 import _blas
+        from mlx_t5 import blas
 
         args = self.model.args
         return {"parameters": _mlx_parameter_count(dict(tree_flatten(self.model.parameters())), args.quantization),
                 "d_model": args.d_model, "layers": [args.num_layers, args.num_decoder_layers],
                 "quantization": args.quantization, "device": str(mx.default_device()),
-                "blas": _blas.LOADED, "blas_threads": _openblas_threads()}
+                "blas": blas.STATE.config, "blas_threads": blas.get_threads()}
 
 
 def _load_mlx_adapter(folder: Path, dtype, tokenizer):
@@ -232,26 +235,6 @@ def _mlx_parameter_count(params: dict, quantization: Optional[dict]) -> int:
             continue
         total += value.size * 32 // quantization["bits"] if quantized and leaf == "weight" else value.size
     return total
-
-
-def _set_openblas_threads(threads: int) -> None:
-    import ctypes
-
-    from mlx_t5 import _blas
-
-    if threads < 1:
-        raise BackendError(f"threads must be >= 1, got {threads}")
-    if not _blas.LOADED:
-        raise BackendError("threads: MLX here does not use the preloaded OpenBLAS, nothing to set")
-    ctypes.CDLL(_blas.LOADED).openblas_set_num_threads(threads)
-
-
-def _openblas_threads():
-    import ctypes
-
-    from mlx_t5 import _blas
-
-    return ctypes.CDLL(_blas.LOADED).openblas_get_num_threads() if _blas.LOADED else None
 
 
 def _mlx_dtype_name(model) -> str:

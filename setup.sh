@@ -5,12 +5,17 @@ set -euo pipefail
 cd "$(dirname "$0")"
 PYTHON=${PYTHON:-python3}
 
-if [[ "$(uname -s)" == Linux ]] && ! ldconfig -p 2>/dev/null | grep -q 'libgfortran\.so\.5'; then
-  # The OpenBLAS that mlx_t5 preloads for MLX (pip cmeel-openblas) links libgfortran.
-  echo "setup: installing libgfortran5 (needed by OpenBLAS, which makes MLX's CPU matmuls ~25x faster)"
+if [[ "$(uname -s)" == Linux ]] && ! ldconfig -p 2>/dev/null | grep -q 'libopenblas\.so\.0'; then
+  # MLX's Linux wheel links netlib's reference BLAS; mlx_t5 preloads the system OpenBLAS instead (~40x faster
+  # matmuls). Debian/Ubuntu build it DYNAMIC_ARCH: it picks kernels for this CPU at run time (x86-64, arm64).
+  echo "setup: installing libopenblas0-pthread (a fast BLAS for MLX that runs on any CPU)"
   SUDO=""; [[ $(id -u) -ne 0 ]] && SUDO=sudo
-  { $SUDO apt-get update -qq && $SUDO apt-get install -y -qq libgfortran5 >/dev/null; } \
-    || echo "setup: warning: could not install libgfortran5; MLX falls back to its slow reference BLAS" >&2
+  if command -v apt-get >/dev/null; then
+    { $SUDO apt-get update -qq && $SUDO apt-get install -y -qq libopenblas0-pthread >/dev/null; } \
+      || echo "setup: warning: could not install libopenblas0-pthread; MLX falls back to its slow reference BLAS" >&2
+  else
+    echo "setup: warning: no apt-get; install your distribution's OpenBLAS (e.g. dnf install openblas-pthreads)" >&2
+  fi
 fi
 
 "$PYTHON" -m venv .venv
@@ -19,4 +24,4 @@ PIP=(.venv/bin/python -m pip install -q)
 # Pinned first: an unpinned torch on Linux pulls several GB of CUDA wheels; 2.13.0 satisfies every extra.
 "${PIP[@]}" torch==2.13.0
 "${PIP[@]}" -e ".[mlx,torch,convert,serve,dev]"
-.venv/bin/python -c "import mlx_t5._blas as b; print('setup: done; MLX BLAS:', b.LOADED or 'platform default')"
+.venv/bin/python -c "import mlx_t5; s = mlx_t5.blas.STATE; print('setup: done; MLX BLAS:', s.config or 'platform default')"

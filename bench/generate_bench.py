@@ -11,7 +11,6 @@ and the cross- and self-attention K/V caches. Results also go to bench/results/g
 """
 
 import argparse
-import ctypes
 import os
 import platform
 import sys
@@ -76,8 +75,8 @@ def main(argv=None) -> int:
     console = Console() if sys.stdout.isatty() else Console(width=130)  # pipes get 80 columns otherwise
     threads = args.threads
     torch.set_num_threads(threads)
-    if mlx_t5._blas.LOADED:  # the OpenBLAS MLX uses on Linux; it reads OPENBLAS_NUM_THREADS only at load
-        ctypes.CDLL(mlx_t5._blas.LOADED).openblas_set_num_threads(threads)
+    if mlx_t5.blas.STATE.path:  # the OpenBLAS MLX uses on Linux; it reads OPENBLAS_NUM_THREADS only at load
+        mlx_t5.blas.set_threads(threads)
     load_before = os.getloadavg()
 
     with console.status("Building the random flan-t5-small model"):
@@ -141,7 +140,7 @@ def main(argv=None) -> int:
     env = dict(platform=platform.platform(), processor=platform.processor() or platform.machine(),
                cores=os.cpu_count(), torch_threads=torch.get_num_threads(), openblas_threads=threads,
                torch=torch.__version__, mlx=mx.__version__,
-               mlx_device=str(mx.default_device()), openblas=mlx_t5._blas.LOADED,
+               mlx_device=str(mx.default_device()), openblas=mlx_t5.blas.STATE.config,
                load_average_before=load_before, load_average_after=load_after)
     atomic_write_json(args.out, dict(benchmark="generate", shape=SHAPE, shape_config=SHAPES[SHAPE],
                                      input_tokens=args.input_tokens, new_tokens=n, repeats=args.repeats,

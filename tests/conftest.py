@@ -35,18 +35,15 @@ def torch_one_thread():
 def blas_one_thread():
     """One OpenBLAS thread for a module of tiny MLX models: more threads only add synchronisation (and spin
     when the CPU is shared). Restored for whoever runs next."""
-    import ctypes
+    from mlx_t5 import blas
 
-    from mlx_t5 import _blas
-
-    if not _blas.LOADED:
+    before = blas.get_threads()
+    if before is None:
         yield
         return
-    lib = ctypes.CDLL(_blas.LOADED)
-    before = lib.openblas_get_num_threads()
-    lib.openblas_set_num_threads(1)
+    blas.set_threads(1)
     yield
-    lib.openblas_set_num_threads(before)
+    blas.set_threads(before)
 
 
 @pytest.fixture(scope="session")

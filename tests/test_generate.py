@@ -34,18 +34,15 @@ BEAM_OPTIONS = {
 def one_thread():
     """Decode-step matmuls are tiny: BLAS / torch threads only add synchronisation, and spin for whole
     scheduler slices when the CPU is shared (measured here: ~8x slower module with 2 threads under load)."""
-    import ctypes
+    from mlx_t5 import blas
 
-    from mlx_t5 import _blas
-
-    lib = ctypes.CDLL(_blas.LOADED) if _blas.LOADED else None
-    before = (lib.openblas_get_num_threads() if lib else None, torch.get_num_threads())
-    if lib:
-        lib.openblas_set_num_threads(1)
+    before = (blas.get_threads(), torch.get_num_threads())
+    if before[0]:
+        blas.set_threads(1)
     torch.set_num_threads(1)
     yield
-    if lib:
-        lib.openblas_set_num_threads(before[0])
+    if before[0]:
+        blas.set_threads(before[0])
     torch.set_num_threads(before[1])
 
 
