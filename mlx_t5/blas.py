@@ -154,7 +154,10 @@ def load(flags: set[str] | None = None) -> State:
             config, corename, path = found
             found = runs_here(config, corename, flags)
             if found is None:
-                ctypes.CDLL(path, mode=ctypes.RTLD_GLOBAL)
+                lib = ctypes.CDLL(path, mode=ctypes.RTLD_GLOBAL)
+                # asked again in this process: a DYNAMIC_ARCH build's kernels are this process's CPUID's
+                lib.openblas_get_config.restype = lib.openblas_get_corename.restype = ctypes.c_char_p
+                config, corename = lib.openblas_get_config().decode(), lib.openblas_get_corename().decode()
                 STATE.path, STATE.config, STATE.corename = path, config, corename
                 LOADED = path
                 break
