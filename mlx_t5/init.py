@@ -1,8 +1,9 @@
 """Random initialisation of a T5 model: the Flan-T5 shapes, T5's init scheme (transformers' `_init_weights`)."""
 
+import dataclasses
 import json
 from pathlib import Path
-from typing import Union
+from typing import Optional, Union
 
 import mlx.core as mx
 from mlx.utils import tree_flatten, tree_unflatten
@@ -56,19 +57,22 @@ def _std(name: str, args: ModelArgs, factor: float) -> float:
     raise ValueError(f"no init rule for parameter {name}")
 
 
-def init_model(shape: Union[str, Path, dict] = "small", seed: int = 0) -> Model:
+def init_model(shape: Union[str, Path, dict] = "small", seed: int = 0, vocab_size: Optional[int] = None) -> Model:
     """A randomly initialised T5 model.
 
     Args:
         shape: "small", "base", "large" (the Flan-T5 shapes: gated-gelu, untied head, vocab 32128),
             a T5 config.json path, or a config dict.
         seed: the same seed gives the same weights, whatever the global MLX random state.
+        vocab_size: embedding rows, overriding the shape's (a task tokenizer's size).
 
     Returns:
         A float32 `Model` in train mode: embeddings and head ~ N(0, 1), attention and FFN weights
         scaled by fan-in as in transformers (q by (d_model * d_kv)^-0.5), RMS-norm weights 1.
     """
     args = model_args(shape)
+    if vocab_size is not None:
+        args = dataclasses.replace(args, vocab_size=vocab_size)
     factor = float(args.extra.get("initializer_factor", 1.0))
     model = Model(args)
     params = sorted(tree_flatten(model.parameters()))

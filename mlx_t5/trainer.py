@@ -27,10 +27,11 @@ import numpy as np
 from mlx.utils import tree_flatten, tree_map, tree_map_with_path
 
 from reformulation.config import TrainConfig
-from reformulation.data import DuplicateRowsWarning, load_examples, make_splits, shift_right, tokenize
+from reformulation.data import DuplicateRowsWarning, Splits, load_examples, make_splits, shift_right, tokenize
 from reformulation.io import atomic_dir, atomic_write_json, atomic_write_text
 from reformulation.metrics import score
-from reformulation.reporting import MetricsLog, plot_curves, read_metrics, summary_table
+from reformulation.reporting import MetricsLog, examples_table, plot_curves, read_metrics, summary_table
+from reformulation.recipe import task_tokenizer, training_examples
 
 from .generation import generate
 from .init import init_model
@@ -47,7 +48,8 @@ SORT_WINDOW = 64  # batches per window sorted by length: little padding, the epo
 # changing these between a checkpoint and its resume would change the data order or the model
 RESUME_KEYS = ("model", "init", "data", "split", "split_fractions", "sample_fraction", "normalize",
                "max_source_length", "max_target_length", "batch_size", "grad_accum", "seed", "optimizer",
-               "lora", "lora_rank", "lora_alpha", "lora_targets", "quantize_base")
+               "lora", "lora_rank", "lora_alpha", "lora_targets", "quantize_base", "tokenizer_vocab_size",
+               "augment_copies", "augment_invented")
 
 
 class TrainError(RuntimeError):
@@ -231,18 +233,19 @@ def enable_gradient_checkpointing(model: Model):
                         module[name] = KeyedDropout(1 - child._p_1, block._box)
 
 
-def build_model(cfg: TrainConfig, console=None):
-    """(model, tokenizer, base name) as configured: loaded or randomly initialised, float32 master weights."""
+def build_model(cfg: TrainConfig, console=None, tokenizer=None):
+    """(model, tokenizer, base name) as configured: loaded or randomly initialised, float32 master weights.
+    A random init takes `tokenizer` (a task tokenizer) when given, with one embedding row per id."""
     if cfg.model:
         model, tokenizer = load(cfg.model, dtype="float32")
         local = Path(cfg.model).expanduser()
         base = str(local.resolve()) if local.is_dir() else cfg.model
     else:
         try:
-            model = init_model(cfg.init, seed=cfg.seed)
+            model = init_model(cfg.init, seed=cfg.seed, vocab_size=len(tokenizer) if tokenizer is not None else None)
         except ValueError as err:
             raise TrainError(str(err)) from None
-        tokenizer = load_tokenizer(default_tokenizer())
+        tokenizer = tokenizer if tokenizer is not None else load_tokenizer(default_tokenizer())
         base = None
     if len(tokenizer) > model.args.vocab_size:
         raise TrainError(f"the tokenizer has {len(tokenizer)} ids but the model only {model.args.vocab_size} "
@@ -393,8 +396,9 @@ def predict(model: Model, tokenizer, queries: list[str], batch_size: int = 32, n
 
 
 def evaluate(model: Model, tokenizer, split: TokenizedSplit, cfg: TrainConfig, prefix: str = "eval",
-             progress=None) -> dict:
-    """Masked loss and generation scores (ROUGE-L, exact match, subquery F1) on `split`, in eval mode."""
+             progress=None, with_predictions: bool = False):
+    """Masked loss and generation scores (ROUGE-L, exact match, subquery F1) on `split`, in eval mode;
+    with_predictions: (metrics, the generated strings)."""
     was_training = model.training
     model.eval()
     try:
@@ -410,7 +414,7 @@ def evaluate(model: Model, tokenizer, split: TokenizedSplit, cfg: TrainConfig, p
     metrics.update({f"{prefix}_{k}": v for k, v in scores.items() if k != "count"})
     metrics.update({f"{prefix}_samples": len(split), f"{prefix}_runtime": runtime,
                     f"{prefix}_samples_per_second": len(split) / runtime})
-    return metrics
+    return (metrics, predictions) if with_predictions else metrics
 
 
 # -- state and checkpoints -----------------------------------------------------------------------------
@@ -445,7 +449,7 @@ def adapter_meta(cfg: TrainConfig, base: Optional[str]) -> dict:
 
 
 def save_checkpoint(folder: Path, model: Model, optimizer: optim.Optimizer, state: TrainState, cfg: TrainConfig,
-                    total_steps: int, base: Optional[str]):
+                    total_steps: int, base: Optional[str], tokenizer=None):
     """Everything a resume needs, written to a temp folder and renamed over `folder` (never half-written)."""
     key = mx.random.state[0].tolist()
     trainer_state = asdict(state) | {
@@ -463,6 +467,8 @@ def save_checkpoint(folder: Path, model: Model, optimizer: optim.Optimizer, stat
                                 metadata={"format": "pt"})
             atomic_write_json(tmp / "config.json", model_config(model))
         mx.save_safetensors(str(tmp / "optimizer.safetensors"), dict(tree_flatten(optimizer.state)))
+        if cfg.tokenizer_vocab_size:  # a trained vocabulary: the resumed run must use the same one
+            tokenizer.save_pretrained(str(tmp))
         atomic_write_json(tmp / "trainer_state.json", trainer_state)
         cfg.save(tmp / "config.yaml")
 
@@ -555,7 +561,7 @@ class Trainer:
 
     # setup -----------------------------------------------------------------------------------------
 
-    def _load_data(self, tokenizer):
+    def _load_splits(self) -> Splits:
         cfg = self.cfg
         with warnings.catch_warnings(record=True) as caught:  # duplicate rows: a note, not a warning trace
             warnings.simplefilter("always", DuplicateRowsWarning)
@@ -566,13 +572,17 @@ class Trainer:
         if not splits.train:
             raise TrainError(f"the train split is empty ({len(examples)} examples, split {cfg.split}, "
                              f"sample_fraction {cfg.sample_fraction})")
-        train = tokenize_split(tokenizer, splits.train, cfg)
+        return splits
+
+    def _tokenize_splits(self, tokenizer, splits: Splits):
+        cfg = self.cfg
+        train = tokenize_split(tokenizer, training_examples(cfg, splits.train), cfg)
         valid = tokenize_split(tokenizer, splits.valid, cfg)
         test = tokenize_split(tokenizer, splits.test, cfg)
         if cfg.eval_samples and len(valid) > cfg.eval_samples:  # a fixed sample, the same at every eval
             pick = np.sort(np.random.default_rng(cfg.seed).choice(len(valid), cfg.eval_samples, replace=False))
             valid = valid.subset(pick)
-        return train, valid, test, splits
+        return train, valid, test
 
     def _steps(self, n_train: int) -> tuple[int, int]:
         cfg = self.cfg
@@ -591,9 +601,10 @@ class Trainer:
             check_resume_config(cfg, resume)
 
         mx.random.seed(cfg.seed)
-        with console.status("loading model and data"):
-            model, tokenizer, base = build_model(cfg, console)
-            train, valid, test, splits = self._load_data(tokenizer)
+        with console.status("loading data and model"):
+            splits = self._load_splits()
+            model, tokenizer, base = build_model(cfg, console, task_tokenizer(cfg, splits.train, resume))
+            train, valid, test = self._tokenize_splits(tokenizer, splits)
         if cfg.lora:
             targets = prepare_lora(model, cfg)
             if compute_dtype != mx.float32:
@@ -612,8 +623,11 @@ class Trainer:
 
         trainable, total_params = (sum(v.size for _, v in tree_flatten(p))
                                    for p in (model.trainable_parameters(), model.parameters()))
-        console.print(f"[bold]data[/]  train {len(train):,} | valid {len(splits.valid):,} (eval on {len(valid):,}) | "
-                      f"test {len(test):,} ({cfg.split} split)", soft_wrap=True)
+        augmented = len(train) - len(splits.train)
+        console.print(f"[bold]data[/]  train {len(splits.train):,}" + (f" + {augmented:,} entity-swapped" if augmented else "")
+                      + f" | valid {len(splits.valid):,} (eval on {len(valid):,}) | test {len(test):,} ({cfg.split} split)"
+                      + (f" | task tokenizer: {len(tokenizer):,} pieces" if cfg.tokenizer_vocab_size else ""),
+                      soft_wrap=True)
         console.print(
             f"[bold]model[/] {cfg.model or cfg.init}: {total_params / 1e6:,.1f}M parameters, "
             f"{trainable / 1e6:,.2f}M trainable"
@@ -819,20 +833,20 @@ class Trainer:
             return ctx["base"]
         base_dir = self.out / "base"
         if not base_dir.exists():
-            base, _, _ = build_model(self.cfg)
+            base, _, _ = build_model(self.cfg, tokenizer=ctx["tokenizer"])
             save(base, ctx["tokenizer"], base_dir)
         ctx["base"] = str(base_dir.resolve())
         return ctx["base"]
 
     def _save_resume(self, ctx, state: TrainState):
         save_checkpoint(self.out / "checkpoint", ctx["model"], ctx["optimizer"], state, self.cfg,
-                        ctx["total_steps"], ctx["base"])
+                        ctx["total_steps"], ctx["base"], ctx["tokenizer"])
 
     def _finish(self, ctx, state: TrainState, final_eval: dict, test: TokenizedSplit, stopped, log) -> dict:
         cfg, console, model = self.cfg, self.console, ctx["model"]
         self._save_model(ctx, self.out / "final")
         if cfg.lora and cfg.fuse:
-            fused, _, _ = build_model(cfg)  # same base, then the trained adapters merged in
+            fused, _, _ = build_model(cfg, tokenizer=ctx["tokenizer"])  # same base, then the trained adapters
             if cfg.quantize_base:
                 quantize_model(fused, bits=cfg.quantize_base, group_size=64)
             load_adapters(fused, self.out / "final")
@@ -860,7 +874,8 @@ class Trainer:
             if not console.is_terminal:
                 console.print(message, highlight=False, soft_wrap=True)
             with console.status(message):
-                test_metrics = evaluate(model, ctx["tokenizer"], test, cfg, prefix="test")
+                test_metrics, predictions = evaluate(model, ctx["tokenizer"], test, cfg, prefix="test",
+                                                     with_predictions=True)
             log.log({"step": state.step, **test_metrics})
             summary.update({k: v for k, v in test_metrics.items() if k in (
                 "test_loss", "test_rouge_l", "test_exact_match", "test_subquery_f1", "test_samples")})
@@ -870,6 +885,8 @@ class Trainer:
         except Exception as err:  # noqa: BLE001 - a missing plot must not lose a finished run
             console.print(f"[yellow]warning:[/] no curves.png ({type(err).__name__}: {err})")
         console.print(summary_table(summary))
+        if len(test):
+            console.print(examples_table(test.examples, predictions, seed=cfg.seed))
         parts = ["final/"] + ([f"best/ (step {state.best_step})"] if state.best_step is not None else [])
         parts += ["fused/"] if cfg.lora and cfg.fuse else []
         parts += ["checkpoint/", "metrics.jsonl", "curves.png", "summary.json"]

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Literal
 
 from .io import atomic_write_text
+from .tokenizer import MIN_VOCAB
 
 
 class ConfigError(ValueError):
@@ -46,6 +47,9 @@ class TrainConfig:
     normalize: bool = True
     max_source_length: int = 64
     max_target_length: int = 64
+    tokenizer_vocab_size: int = 0  # > 0: train a task tokenizer of this size on the train split (init only)
+    augment_copies: int = 0  # entity-swapped variants of each training row added to the train split
+    augment_invented: float = 0.5  # share of swapped spans that get an invented name (else another row's span)
     # run
     output_dir: str = "runs/latest"
     epochs: float = 3.0
@@ -135,6 +139,14 @@ class TrainConfig:
         need(0 < self.sample_fraction <= 1, f"sample_fraction must be in (0, 1], got {self.sample_fraction}")
         need(self.max_source_length >= 2, f"max_source_length must be >= 2, got {self.max_source_length}")
         need(self.max_target_length >= 2, f"max_target_length must be >= 2, got {self.max_target_length}")
+        if self.tokenizer_vocab_size:
+            need(self.tokenizer_vocab_size >= MIN_VOCAB,
+                 f"tokenizer_vocab_size must be 0 (the model's tokenizer) or >= {MIN_VOCAB}, "
+                 f"got {self.tokenizer_vocab_size}")
+            need(not self.model, "tokenizer_vocab_size trains a new vocabulary: it needs init (a model trained "
+                                 "from scratch), not a pretrained model, whose embeddings belong to its tokenizer")
+        need(self.augment_copies >= 0, f"augment_copies must be >= 0, got {self.augment_copies}")
+        need(0 <= self.augment_invented <= 1, f"augment_invented must be in [0, 1], got {self.augment_invented}")
 
         need(self.epochs > 0 or self.max_steps is not None, f"epochs must be > 0, got {self.epochs}")
         need(self.max_steps is None or self.max_steps >= 1, f"max_steps must be >= 1, got {self.max_steps}")
@@ -235,6 +247,11 @@ _HELP = {
     "normalize": "fold accents (Maori for Māori) and whitespace in the data",
     "max_source_length": "input tokens kept, EOS included",
     "max_target_length": "target tokens kept, EOS included",
+    "tokenizer_vocab_size": "train a SentencePiece tokenizer of this many pieces on the train split, saved with the "
+                            "model (init only; 0: the model's own / Flan-T5's)",
+    "augment_copies": "add N entity-swapped variants of each training row (names copied from the query replaced "
+                      "in query and target; 0: off)",
+    "augment_invented": "share of swapped names that are invented (the rest come from other training rows)",
     "output_dir": "folder for checkpoints, config.yaml, metrics.jsonl",
     "epochs": "passes over the training split",
     "max_steps": "optimizer steps; overrides epochs",

@@ -140,6 +140,24 @@ def _format(key: str, value) -> str:
     return str(value)
 
 
+def examples_table(examples, predictions, count: int = 6, seed: int = 0, title: str = "Test examples"):
+    """A rich table of `count` examples (a seeded pick): query, the model's subqueries, the reference."""
+    import random
+
+    from rich.markup import escape
+    from rich.table import Table
+
+    table = Table(title=title, show_lines=True)
+    table.add_column("query", ratio=3)
+    table.add_column("prediction", ratio=2)
+    table.add_column("reference", ratio=2)
+    for i in sorted(random.Random(seed).sample(range(len(examples)), min(count, len(examples)))):
+        prediction, reference = predictions[i], examples[i].target
+        style = "green" if prediction == reference else None
+        table.add_row(escape(examples[i].query), escape(prediction), escape(reference), style=style)
+    return table
+
+
 def summary_table(summary: dict, title: str = "Training Log"):
     """A two-column rich table of whatever is in ``summary`` (train_runtime, eval_loss, ...)."""
     from rich.markup import escape

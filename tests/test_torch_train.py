@@ -251,3 +251,28 @@ def test_torchrun_two_processes_is_real_ddp(tmp_path, tiny_config, full_jsonl, t
     # each optimizer step takes batch_size rows on each of the 2 processes: the epoch advances twice as fast
     assert first["epoch"] == pytest.approx(1 / -(-train_rows // 8), rel=0.01)
     assert (out / "final" / "model.safetensors").is_file()
+
+
+def test_task_tokenizer_and_augmentation_from_scratch(tmp_path, tiny_config, full_jsonl, capsys):
+    """The same from-scratch keys as the MLX trainer: a tokenizer learned on the train split (the model gets one
+    embedding row per id) and entity-swapped rows; final/ loads in transformers with that tokenizer."""
+    from transformers import AutoTokenizer, T5ForConditionalGeneration
+
+    from reformulation.data import load_examples, make_splits
+    from reformulation.recipe import training_examples
+
+    out = tmp_path / "run"
+    argv = ["--init", str(tiny_config), "--max-steps", "4", "--learning-rate", "3e-3", "--tokenizer-vocab-size",
+            "400", "--augment-copies", "2", "--eval-every", "0"]
+    assert torch_train.main(argv + common_flags(full_jsonl, out, sample_fraction=0.02)) == 0
+    printed = capsys.readouterr().out
+    cfg = load_config(None, dict(data=[str(full_jsonl)], sample_fraction=0.02, augment_copies=2, init="small"))
+    splits = make_splits(load_examples(cfg.data), "target", None, 0.02, cfg.seed)
+    extra = len(training_examples(cfg, splits.train)) - len(splits.train)
+    assert extra > 0 and f"+ {extra:,} entity-swapped" in printed and "Test examples" in printed
+
+    final = out / "final"
+    tokenizer = AutoTokenizer.from_pretrained(final)
+    model = T5ForConditionalGeneration.from_pretrained(final)
+    assert len(tokenizer) <= 400 and model.config.vocab_size == len(tokenizer)
+    assert tokenizer.decode(tokenizer("Māori|x").input_ids, skip_special_tokens=True) == "Māori|x"

@@ -357,3 +357,38 @@ def test_init_follows_t5_scheme_and_seed():
     name = "encoder.block.0.layer.1.DenseReluDense.wi.weight"
     assert mx.array_equal(same[0][name], same[1][name]) and not mx.array_equal(same[0][name], same[2][name])
     assert (SHAPES["base"]["d_model"], SHAPES["large"]["num_heads"], SHAPES["large"]["d_ff"]) == (768, 16, 2816)
+
+
+def test_from_scratch_with_task_tokenizer_and_augmentation_trains_resumes_and_loads_in_transformers(
+        workdir, tmp_path, examples):
+    """A random init with a task tokenizer learned on the train split and entity-swapped copies: it trains,
+    resumes exactly (the checkpoint carries the tokenizer), prints test examples, and final/ is an HF
+    checkpoint whose own tokenizer transformers loads and whose greedy answers equal MLX's."""
+    from transformers import AutoTokenizer
+
+    shape = dict(SHAPES["small"], d_model=32, d_kv=8, d_ff=64, num_layers=1, num_decoder_layers=1, num_heads=4,
+                 feed_forward_proj="relu", tie_word_embeddings=True)
+    (tmp_path / "shape.json").write_text(json.dumps(shape))
+    common = dict(model=None, init=str(tmp_path / "shape.json"), split_fractions=[0.75, 0.0, 0.25],
+                  tokenizer_vocab_size=320, augment_copies=2, max_steps=8, batch_size=8, save_every=4,
+                  learning_rate=3e-3, eval_max_new_tokens=8)
+    console_out = io.StringIO()
+    full = Trainer(config(workdir, tmp_path / "full", **common), Console(file=console_out, width=120)).train()
+    assert "entity-swapped" in console_out.getvalue() and "Test examples" in console_out.getvalue()
+    assert run(config(workdir, tmp_path / "killed", **common), stop_after=5)["stopped"] == "killed"
+    assert (tmp_path / "killed" / "checkpoint" / "tokenizer.json").is_file()
+    resumed = run(config(workdir, tmp_path / "killed", resume=str(tmp_path / "killed" / "checkpoint"), **common))
+    assert resumed["train_loss"] == pytest.approx(full["train_loss"], rel=1e-6)
+
+    final = tmp_path / "full" / "final"
+    model, tokenizer = mlx_t5.load(final)
+    assert len(tokenizer) <= 320 and model.args.vocab_size == len(tokenizer)
+    hf_tokenizer = AutoTokenizer.from_pretrained(final)
+    hf = T5ForConditionalGeneration.from_pretrained(final).eval()
+    queries = [e.source for e in examples[:4]]
+    batch = hf_tokenizer(queries, return_tensors="pt", padding=True)
+    with torch.no_grad():
+        want = hf.generate(**batch, max_new_tokens=8, do_sample=False, num_beams=1)
+    want = hf_tokenizer.batch_decode(want, skip_special_tokens=True)
+    got = predict(model, tokenizer, [e.query for e in examples[:4]], max_new_tokens=8)
+    assert got == want

@@ -26,10 +26,11 @@ from pathlib import Path
 import torch
 
 from reformulation.config import ConfigError, TrainConfig, add_config_args, config_from_args, print_config
-from reformulation.data import DataError, load_examples, make_splits, tokenize
+from reformulation.data import DataError, Splits, load_examples, make_splits, tokenize
 from reformulation.io import atomic_dir, atomic_write_json, atomic_write_text
 from reformulation.metrics import score
-from reformulation.reporting import MetricsLog, plot_curves, read_metrics, summary_table
+from reformulation.recipe import task_tokenizer, training_examples
+from reformulation.reporting import MetricsLog, examples_table, plot_curves, read_metrics, summary_table
 
 from .infer import quiet_transformers
 from .presets import check_dtype, detect_preset
@@ -65,8 +66,8 @@ def _mark_tying(model) -> None:
     model.config.tie_word_embeddings = model.lm_head.weight.data_ptr() == model.shared.weight.data_ptr()
 
 
-def init_model(init: str, dropout: float | None):
-    """A randomly initialised T5: a Flan-T5 size name or a config.json path."""
+def init_model(init: str, dropout: float | None, vocab_size: int | None = None):
+    """A randomly initialised T5: a Flan-T5 size name or a config.json path (vocab_size: a task tokenizer's)."""
     from transformers import T5Config, T5ForConditionalGeneration
 
     if init in FLAN_T5_SHAPES:
@@ -83,6 +84,8 @@ def init_model(init: str, dropout: float | None):
         tie = raw.get("tie_word_embeddings", True) is not False and raw.get("scale_decoder_outputs", True) is not False
     if dropout is not None:
         config.dropout_rate = dropout
+    if vocab_size is not None:
+        config.vocab_size = vocab_size
     model = T5ForConditionalGeneration(config)
     if not tie:  # its own head, drawn like transformers initialises an untied T5 head
         head = torch.empty_like(model.lm_head.weight).normal_(0.0, config.initializer_factor)
@@ -166,7 +169,7 @@ def load_model(cfg: TrainConfig, tokenizer):
             raise ConfigError(f"model: cannot load {source!r} ({_first_line(e)})") from None
         _mark_tying(model)
     else:
-        model = init_model(cfg.init, cfg.dropout)
+        model = init_model(cfg.init, cfg.dropout, len(tokenizer) if cfg.tokenizer_vocab_size else None)
     if len(tokenizer) > model.config.vocab_size:
         raise ConfigError(f"the tokenizer has {len(tokenizer)} ids but the model only "
                           f"{model.config.vocab_size} embedding rows")
@@ -217,8 +220,8 @@ class Seq2SeqDataset(torch.utils.data.Dataset):
         return {"input_ids": self.input_ids[i], "labels": self.labels[i]}
 
 
-def load_data(cfg: TrainConfig, tokenizer, console=None):
-    """``(train, valid_for_eval, test)`` datasets; DataError / ConfigError on bad or empty data."""
+def load_splits(cfg: TrainConfig, console=None) -> Splits:
+    """The configured splits; DataError / ConfigError on bad or empty data."""
     from rich.markup import escape
 
     with warnings.catch_warnings(record=True) as caught:
@@ -233,17 +236,27 @@ def load_data(cfg: TrainConfig, tokenizer, console=None):
     if not splits.train:
         raise ConfigError(f"no training examples: {len(examples)} rows, split {cfg.split}, "
                           f"sample_fraction {cfg.sample_fraction}")
+    return splits
+
+
+def load_data(cfg: TrainConfig, tokenizer, console=None, splits: Splits | None = None):
+    """``(train, valid_for_eval, test)`` datasets; the train set holds the augmented rows too."""
+    splits = splits if splits is not None else load_splits(cfg, console)
     valid = splits.valid
     if cfg.eval_samples and len(valid) > cfg.eval_samples:
         # a fixed spread-out subset: rows of one target sit together, the first N would be few targets;
         # the same for every seed, so runs are compared on the same rows
         keep = sorted(random.Random(0).sample(range(len(valid)), cfg.eval_samples))
         valid = [valid[i] for i in keep]
-    datasets = [Seq2SeqDataset(tokenizer, part, cfg) for part in (splits.train, valid, splits.test)]
+    train = training_examples(cfg, splits.train)
+    datasets = [Seq2SeqDataset(tokenizer, part, cfg) for part in (train, valid, splits.test)]
     if console is not None:
         cut = datasets[0].truncated
-        console.print(f"data: {len(examples):,} examples -> train {len(splits.train):,}, valid {len(splits.valid):,} "
-                      f"(eval on {len(valid):,}), test {len(splits.test):,} ({cfg.split} split)"
+        extra = len(train) - len(splits.train)
+        console.print(f"data: train {len(splits.train):,}" + (f" + {extra:,} entity-swapped" if extra else "")
+                      + f", valid {len(splits.valid):,} (eval on {len(valid):,}), test {len(splits.test):,} "
+                      f"({cfg.split} split)" + (f"; task tokenizer: {len(tokenizer):,} pieces"
+                                                if cfg.tokenizer_vocab_size else "")
                       + (f"; truncated in train: {cut[0]} sources, {cut[1]} targets" if any(cut) else ""),
                       highlight=False)
     return datasets
@@ -260,6 +273,7 @@ class GenerationMetrics:
 
     def __init__(self, tokenizer, dataset: Seq2SeqDataset):
         self.tokenizer, self.dataset = tokenizer, dataset
+        self.predictions: list[str] = []  # of the last call, to show a few
 
     def __call__(self, eval_pred) -> dict:
         import numpy as np
@@ -268,6 +282,7 @@ class GenerationMetrics:
         preds = np.asarray(eval_pred.predictions)
         preds = np.where(preds < 0, pad, preds)  # -100: padding between batches
         predictions = [p.strip() for p in self.tokenizer.batch_decode(preds, skip_special_tokens=True)]
+        self.predictions = predictions
         if len(predictions) == len(self.dataset):
             references = [e.target for e in self.dataset.examples]
         else:  # not the dataset we were told about: fall back to the label ids
@@ -557,8 +572,9 @@ def train(cfg: TrainConfig, tokenizer_override: str | None = None, console=None)
     if resume and main:
         _drop_metrics_after(out / "metrics.jsonl", int(Path(resume).name.rsplit("-", 1)[-1]))
 
-    tokenizer = load_tokenizer(cfg, tokenizer_override)
-    train_set, eval_set, test_set = load_data(cfg, tokenizer, console)  # data errors before a slow model load
+    splits = load_splits(cfg, console)  # data errors before a slow model load
+    tokenizer = task_tokenizer(cfg, splits.train, resume) or load_tokenizer(cfg, tokenizer_override)
+    train_set, eval_set, test_set = load_data(cfg, tokenizer, console, splits)
     set_seed(cfg.seed)
     with console.status(f"loading {model_source(cfg) or 'a random ' + str(cfg.init) + ' model'}"):
         model = load_model(cfg, tokenizer)
@@ -625,6 +641,8 @@ def train(cfg: TrainConfig, tokenizer_override: str | None = None, console=None)
         summary["output_dir"] = str(out)
         atomic_write_json(out / "summary.json", summary)
         console.print(summary_table(summary, title="Training Log"))
+        if len(test_set) and len(metrics.predictions) == len(test_set):
+            console.print(examples_table(test_set.examples, metrics.predictions, seed=cfg.seed))
         saved = [d for d in (FINAL_DIR, ADAPTER_DIR) if (out / d).is_dir()]
         console.print(f"[green]saved[/] {', '.join(str(out / d) for d in saved)}", highlight=False)
     return TrainResult(summary, trainer.model, tokenizer, out)

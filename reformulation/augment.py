@@ -1,0 +1,120 @@
+"""Entity-swap augmentation: training pairs that can't be memorised, only copied.
+
+A target mostly copies spans of its query ("Who lived longer, Nikola Tesla or Milutin Milankovic?" ->
+"Nikola Tesla lifespan|Milutin Milankovic lifespan"). A model trained from scratch on 2.5k distinct targets
+memorises them and, on a test question about unseen entities, answers with training entities. Replacing each
+copied span, consistently in the query and in the target, by another string (an invented name, or a span
+of another *training* row) keeps the pattern and changes what must be copied: the only way to get such a
+row right is to copy from the input.
+
+Nothing from a held-out split is ever used: the replacement pool comes from the rows being augmented.
+"""
+
+from __future__ import annotations
+
+import functools
+import random
+import re
+from dataclasses import replace
+from typing import Iterable, Sequence
+
+from .data import Example
+
+_WORD = re.compile(r"\S+")
+_TRIM = ".,;:!?\"'()[]{}"   # punctuation a query glues to a span ("Gore?") that the target doesn't copy
+_ONSETS = ["b", "br", "c", "ch", "d", "dr", "f", "g", "gr", "h", "j", "k", "kr", "l", "m", "n", "p", "pr", "r", "s",
+           "sh", "st", "t", "tr", "v", "w", "z"]
+_VOWELS = ["a", "e", "i", "o", "u", "ai", "ea", "io", "ou", "y"]
+_CODAS = ["", "", "", "n", "r", "l", "s", "th", "k", "m", "x", "nd", "rt"]
+
+
+def _entity_like(span: str) -> bool:
+    """A span worth swapping: some word of it starts with a capital letter or holds a digit."""
+    return any(word[0].isupper() or any(c.isdigit() for c in word) for word in span.split())
+
+
+def copied_spans(query: str, subqueries: Sequence[str]) -> list[str]:
+    """The longest word runs of each subquery that the query contains verbatim (at word boundaries) and that
+    look like names or numbers, longest first."""
+    spans = set()
+    for sub in subqueries:
+        words = [w.strip(_TRIM) for w in _WORD.findall(sub)]
+        i = 0
+        while i < len(words):
+            best = None
+            for j in range(len(words), i, -1):   # the longest run starting at word i
+                run = " ".join(w for w in words[i:j] if w)
+                if run and _contains(query, run):
+                    best = (j, run)
+                    break
+            if best is None:
+                i += 1
+                continue
+            j, run = best
+            if _entity_like(run):
+                spans.add(run)
+            i = j
+    return sorted(spans, key=lambda s: (-len(s), s))
+
+
+@functools.lru_cache(maxsize=1 << 16)
+def _boundary(span: str) -> re.Pattern:
+    return re.compile(r"(?<!\w)" + re.escape(span) + r"(?!\w)")
+
+
+def _contains(text: str, span: str) -> bool:
+    return _boundary(span).search(text) is not None
+
+
+def invented_name(rng: random.Random, words: int) -> str:
+    """A pronounceable name that is in no data set ("Brelk Vousand")."""
+    def word():
+        syllables = rng.choice((1, 2, 2, 3))
+        return "".join(rng.choice(_ONSETS) + rng.choice(_VOWELS) + rng.choice(_CODAS)
+                       for _ in range(syllables)).capitalize()
+    return " ".join(word() for _ in range(words))
+
+
+def swap(example: Example, mapping: dict[str, str]) -> Example:
+    """The example with every span in `mapping` replaced, longest first, in the query and every subquery."""
+    def apply(text: str) -> str:
+        # one pass over all spans: a replacement is never itself replaced again
+        pattern = re.compile("|".join(r"(?<!\w)" + re.escape(s) + r"(?!\w)" for s in
+                                      sorted(mapping, key=len, reverse=True)))
+        return pattern.sub(lambda m: mapping[m.group(0)], text)
+    if not mapping:
+        return example
+    return replace(example, query=apply(example.query), subqueries=tuple(apply(s) for s in example.subqueries))
+
+
+def augment(examples: Iterable[Example], copies: int, seed: int = 0, invented: float = 0.5) -> list[Example]:
+    """`copies` entity-swapped variants of every example that copies a span from its query (the originals are
+    not included). Each swapped span gets an invented name with probability `invented`, else a span of
+    another of these examples with a digit exactly where the original has one (numbers stay numbers).
+    Deterministic for a seed."""
+    if copies < 0:
+        raise ValueError(f"copies must be >= 0, got {copies}")
+    if not 0 <= invented <= 1:
+        raise ValueError(f"invented must be in [0, 1], got {invented}")
+    examples = list(examples)
+    found = [copied_spans(e.query, e.subqueries) for e in examples]
+    pool = sorted({span for spans in found for span in spans})
+    numbers = [s for s in pool if s.isdigit()]
+    names = [s for s in pool if not s.isdigit()]
+    rng = random.Random(seed)
+    out = []
+    for example, spans in zip(examples, found):
+        if not spans:
+            continue
+        for _ in range(copies):
+            mapping = {}
+            for span in spans:
+                if span.isdigit():   # years and counts: another number of the training rows
+                    choice = rng.choice(numbers)
+                elif rng.random() < invented or not names:
+                    choice = invented_name(rng, len(span.split()))
+                else:
+                    choice = rng.choice(names)
+                mapping[span] = choice
+            out.append(swap(example, mapping))
+    return out
