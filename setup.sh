@@ -18,6 +18,19 @@ if [[ "$(uname -s)" == Linux ]] && ! ldconfig -p 2>/dev/null | grep -q 'libopenb
   fi
 fi
 
+if [[ "$(uname -s)" == Linux ]] && ! { command -v chromedriver && { command -v chromium || command -v chromium-browser; }; } \
+    >/dev/null 2>&1; then
+  # tests/test_web.py uses the web page in a headless Chromium through its chromedriver (skipped without them)
+  echo "setup: installing chromium and chromium-driver (the web page's browser test)"
+  SUDO=""; [[ $(id -u) -ne 0 ]] && SUDO=sudo
+  if command -v apt-get >/dev/null; then
+    { $SUDO apt-get update -qq && $SUDO apt-get install -y -qq chromium chromium-driver >/dev/null; } \
+      || echo "setup: warning: could not install chromium; tests/test_web.py will be skipped" >&2
+  else
+    echo "setup: warning: no apt-get; install Chromium and its chromedriver, or tests/test_web.py is skipped" >&2
+  fi
+fi
+
 "$PYTHON" -m venv .venv
 PIP=(.venv/bin/python -m pip install -q)
 "${PIP[@]}" --upgrade pip
