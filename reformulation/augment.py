@@ -29,13 +29,14 @@ _CODAS = ["", "", "", "n", "r", "l", "s", "th", "k", "m", "x", "nd", "rt"]
 
 
 def _entity_like(span: str) -> bool:
-    """A span worth swapping: some word of it starts with a capital letter or holds a digit."""
-    return any(word[0].isupper() or any(c.isdigit() for c in word) for word in span.split())
+    """A span worth swapping: a name, which starts with a capital letter ("Nikola Tesla", "State Highway 1").
+    Numbers and units ("1990", "km2") stay: a swapped one would mostly make nonsense."""
+    return span[0].isupper()
 
 
 def copied_spans(query: str, subqueries: Sequence[str]) -> list[str]:
     """The longest word runs of each subquery that the query contains verbatim (at word boundaries) and that
-    look like names or numbers, longest first."""
+    look like names, longest first."""
     spans = set()
     for sub in subqueries:
         words = [w.strip(_TRIM) for w in _WORD.findall(sub)]
@@ -89,9 +90,8 @@ def swap(example: Example, mapping: dict[str, str]) -> Example:
 
 def augment(examples: Iterable[Example], copies: int, seed: int = 0, invented: float = 0.5) -> list[Example]:
     """`copies` entity-swapped variants of every example that copies a span from its query (the originals are
-    not included). Each swapped span gets an invented name with probability `invented`, else a span of
-    another of these examples with a digit exactly where the original has one (numbers stay numbers).
-    Deterministic for a seed."""
+    not included). Each swapped name gets an invented one with probability `invented`, else a name of another of
+    these examples. Deterministic for a seed."""
     if copies < 0:
         raise ValueError(f"copies must be >= 0, got {copies}")
     if not 0 <= invented <= 1:
@@ -99,22 +99,13 @@ def augment(examples: Iterable[Example], copies: int, seed: int = 0, invented: f
     examples = list(examples)
     found = [copied_spans(e.query, e.subqueries) for e in examples]
     pool = sorted({span for spans in found for span in spans})
-    numbers = [s for s in pool if s.isdigit()]
-    names = [s for s in pool if not s.isdigit()]
     rng = random.Random(seed)
     out = []
     for example, spans in zip(examples, found):
         if not spans:
             continue
         for _ in range(copies):
-            mapping = {}
-            for span in spans:
-                if span.isdigit():   # years and counts: another number of the training rows
-                    choice = rng.choice(numbers)
-                elif rng.random() < invented or not names:
-                    choice = invented_name(rng, len(span.split()))
-                else:
-                    choice = rng.choice(names)
-                mapping[span] = choice
+            mapping = {span: invented_name(rng, len(span.split())) if rng.random() < invented else rng.choice(pool)
+                       for span in spans}
             out.append(swap(example, mapping))
     return out
