@@ -1,6 +1,7 @@
 """api.py over real HTTP: a uvicorn server on 127.0.0.1 serving a tiny random-init T5 with the real tokenizer."""
 
 import asyncio
+import json
 import os
 import signal
 import socket
@@ -99,7 +100,7 @@ def test_model_health_and_docs(server, backend):
     schema = client.get("/openapi.json").json()
     request = schema["components"]["schemas"]["ReformulateRequest"]["properties"]
     assert request["num_beams"]["maximum"] == LIMITS.max_beams
-    assert request["queries"]["anyOf"][0]["maxItems"] == LIMITS.max_queries
+    assert request["queries"]["maxItems"] == LIMITS.max_queries
     assert "description" in request["query"]
 
 
@@ -113,7 +114,8 @@ def test_model_health_and_docs(server, backend):
     ({"queries": "one string"}, 422, "valid list", "queries"),
     ({"queries": []}, 422, "at least 1 item", "queries"),
     ({"queries": ["ok", 3]}, 422, "valid string", "queries[1]"),
-    ({"queries": ["ok", " "]}, 422, "item 1 must not be blank", "queries"),
+    ({"queries": ["ok", " "]}, 422, "must not be blank", "queries[1]"),
+    ({"query": None}, 422, "valid string", "query"),
     ({"queries": ["q"] * 9}, 422, "at most 8 items", "queries"),
     ({"query": "a", "num_beams": 0}, 422, "greater than or equal to 1", "num_beams"),
     ({"query": "a", "num_beams": 5}, 422, "less than or equal to 4", "num_beams"),
@@ -140,6 +142,8 @@ def test_bad_bodies(server):
     assert r.status_code == 400 and r.json()["error"]["type"] == "invalid_json", r.text
     r = client.post("/v1/reformulate", content=b'{"query": "a"}', headers={"content-type": "text/plain"})
     assert r.status_code == 415 and "application/json" in r.json()["error"]["message"], r.text
+    r = client.post("/v1/reformulate", content=b'{"query": "\\ud800"}', headers=headers)  # a lone surrogate
+    assert r.status_code == 422 and r.json()["error"]["field"] == "query", r.text
     r = client.post("/v1/reformulate", content=b"", headers=headers)
     assert r.status_code == 422 and "request body is required" in r.json()["error"]["message"], r.text
     big = b'{"query": "' + b"x" * 5000 + b'"}'
@@ -153,6 +157,163 @@ def test_bad_bodies(server):
     r = client.get("/v1/reformulate")
     assert r.status_code == 405 and "error" in r.json()
     assert client.get("/healthz").status_code == 200  # still serving
+
+
+# Each: (body, whether it is a valid request). The served schema must say the same as the server.
+AGREEMENT = [
+    ({}, False),  # Schemathesis' ST202: the schema had both fields optional
+    ({"query": "a", "queries": ["b"]}, False),
+    ({"query": "a"}, True),
+    ({"queries": ["a", "b"]}, True),
+    ({"query": None}, False),
+    ({"query": " \t"}, False),
+    ({"query": "\x1c\u3000"}, False),  # str.strip() whitespace that JavaScript's \s does not all know
+    ({"query": "\u200b"}, True),  # zero-width space: not whitespace to either
+    ({"queries": ["a", "\u2028"]}, False),
+    ({"query": "a", "num_beams": 2.0}, True),  # JSON Schema's integer includes 2.0
+    ({"query": "a", "num_beams": 2.5}, False),
+    ({"query": "a", "num_beams": "2"}, False),
+    ({"query": "a", "max_new_tokens": True}, False),
+    ({"query": "a", "temperature": 0.5}, True),
+    ({"query": "a", "temperature": 0.5, "num_beams": 1}, True),
+    ({"query": "a", "temperature": 0.5, "num_beams": 2}, False),
+    ({"query": "a", "temperature": 0, "num_beams": 2}, True),
+    ({"query": "a", "top_k": 3}, False),
+    ({"queries": []}, False),
+    (["a"], False),
+]
+
+
+@pytest.mark.parametrize("body, valid", AGREEMENT)
+def test_schema_and_server_agree(server, body, valid):
+    """The request schema at /openapi.json accepts exactly what the server answers (else Schemathesis'
+    positive_data_acceptance / negative_data_rejection fail): oneOf query/queries, non-blank text, whole
+    numbers, no sampling with beams."""
+    import jsonschema_rs
+
+    client, _ = server
+    openapi = client.get("/openapi.json").json()
+    validator = jsonschema_rs.Draft202012Validator(
+        {"$ref": "#/components/schemas/ReformulateRequest", "components": openapi["components"]})
+    assert validator.is_valid(body) is valid
+    r = client.post("/v1/reformulate", json=body if not isinstance(body, dict) else {"max_new_tokens": 2, **body})
+    assert r.status_code == (200 if valid else 422), r.text
+
+
+@pytest.mark.parametrize("path, allowed", [("/healthz", {"GET"}), ("/v1/model", {"GET"}),
+                                           ("/v1/reformulate", {"POST"})])
+def test_405_says_which_methods_are_allowed(server, path, allowed):
+    """RFC 9110: a 405 carries `Allow` (Schemathesis' ST204 on all three paths, e.g. curl -X TRACE)."""
+    client, _ = server
+    for method in ("TRACE", "DELETE", "PUT"):
+        r = client.request(method, path)
+        assert r.status_code == 405, r.text
+        assert {m.strip() for m in r.headers["allow"].split(",")} == allowed
+        assert r.json()["error"]["type"] == "method_not_allowed"
+    assert {m.upper() for m in client.get("/openapi.json").json()["paths"][path]} == allowed
+
+
+TEN_MB = b'{"query": "' + b"x" * 10_000_000 + b'"}'
+
+
+def test_413_reaches_clients_that_send_everything_first(server):
+    """A 10 MB body: the rest is read and dropped before the 413, so urllib (Connection: close, reads only
+    after sending) gets the 413 and not `Connection reset by peer`; httpx too, and its connection stays usable."""
+    import urllib.error
+    import urllib.request
+
+    client, _ = server
+    url = f"{client.base_url}/v1/reformulate"
+    for _ in range(3):  # a reset would depend on timing: more than one try
+        request = urllib.request.Request(url, data=TEN_MB, headers={"Content-Type": "application/json"})
+        with pytest.raises(urllib.error.HTTPError) as caught:
+            urllib.request.urlopen(request, timeout=60)
+        assert caught.value.code == 413
+        assert "larger than 4096 bytes" in json.loads(caught.value.read())["error"]["message"]
+
+    with httpx.Client(base_url=str(client.base_url), timeout=60) as http:
+        for content in (TEN_MB, iter([TEN_MB[:5_000_000], TEN_MB[5_000_000:]])):  # declared, then chunked
+            r = http.post("/v1/reformulate", content=content, headers={"content-type": "application/json"})
+            assert r.status_code == 413 and r.json()["error"]["type"] == "too_large", r.text
+            assert r.headers.get("connection") != "close"  # all of it was read: the connection is reusable
+        r = http.post("/v1/reformulate", json={"query": QUERIES[0], "max_new_tokens": 2})
+        assert r.status_code == 200, r.text
+
+
+def test_413_without_reading_for_a_client_that_waits_for_100_continue(server):
+    """curl sends `Expect: 100-continue` with a large body and waits: answered at once, nothing read, and
+    the connection closed (the body it announced never came)."""
+    client, _ = server
+    with socket.create_connection((client.base_url.host, client.base_url.port), timeout=30) as sock:
+        sock.sendall(b"POST /v1/reformulate HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                     b"Content-Length: 10000000\r\nExpect: 100-continue\r\n\r\n")
+        reply = b""
+        while chunk := sock.recv(65536):
+            reply += chunk
+    head, _, body = reply.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 413"), reply
+    assert b"100 Continue" not in head and b"connection: close" in head.lower()
+    assert json.loads(body)["error"]["type"] == "too_large"
+
+
+def test_body_limit_stops_dropping_at_its_bound():
+    """A body past max_discard_bytes is not read to its end: 413 with Connection: close once the bound is
+    passed (an endless body would otherwise hold the connection)."""
+    from api import BodyLimit
+
+    received, sent = [0], []
+
+    async def receive():  # an endless chunked body
+        received[0] += 1
+        return {"type": "http.request", "body": b"x" * 1000, "more_body": True}
+
+    async def send(message):
+        sent.append(message)
+
+    async def app(scope, receive, send):
+        raise AssertionError("the app must not see a too-large body")
+
+    limit = BodyLimit(app, max_bytes=5000, max_discard_bytes=20_000, discard_timeout_s=10)
+    asyncio.run(limit({"type": "http", "method": "POST", "headers": []}, receive, send))
+    start = sent[0]
+    assert start["status"] == 413 and (b"connection", b"close") in start["headers"]
+    assert 6 + 20 <= received[0] <= 6 + 21  # to the limit, then to the bound (and the chunk that crossed it)
+
+
+def test_queue_full_is_429_with_retry_after(backend):
+    """More queries outstanding than max_queued_queries: 429 with Retry-After (seconds, from the measured
+    rate), documented in the schema; once the queue drains, requests are answered again."""
+    slow = SlowBackend(backend, 0.8)
+    app = create_app(slow, limits=Limits(max_queries=2, max_queued_queries=2))
+    with serve(app) as (url, _), httpx.Client(base_url=url, timeout=30) as client:
+        assert client.post("/v1/reformulate", json={"query": QUERIES[0], "max_new_tokens": 2}).status_code == 200
+        first = []
+        thread = threading.Thread(target=lambda: first.append(client.post(
+            "/v1/reformulate", json={"queries": QUERIES[:2], "max_new_tokens": 2})))
+        slow.generating.clear()
+        thread.start()
+        assert slow.generating.wait(30)
+        r = client.post("/v1/reformulate", json={"query": QUERIES[2], "max_new_tokens": 2})
+        assert r.status_code == 429 and r.json()["error"]["type"] == "queue_full", r.text
+        assert int(r.headers["retry-after"]) >= 1
+        thread.join(30)
+        assert first[0].status_code == 200
+        assert client.post("/v1/reformulate", json={"query": QUERIES[2], "max_new_tokens": 2}).status_code == 200
+        assert app.state.batcher.outstanding == 0
+        doc = client.get("/openapi.json").json()["paths"]["/v1/reformulate"]["post"]["responses"]
+        assert doc["429"]["headers"]["Retry-After"]["required"] is True
+    with pytest.raises(ValueError, match="max_queued_queries"):
+        create_app(backend, limits=Limits(max_queries=8, max_queued_queries=4))
+
+
+def test_draining_server_says_when_to_retry(backend):
+    """503 while shutting down (health and requests), with Retry-After."""
+    app = create_app(backend, limits=LIMITS)
+    with serve(app) as (url, _), httpx.Client(base_url=url, timeout=30) as client:
+        app.state.batcher.stop(30)  # what the lifespan does once uvicorn begins to shut down
+        for r in (client.get("/healthz"), client.post("/v1/reformulate", json={"query": "a"})):
+            assert r.status_code == 503 and int(r.headers["retry-after"]) >= 1, r.text
+        assert r.json()["error"]["type"] == "unavailable"
 
 
 def burst_of_50(client, app, backend):
