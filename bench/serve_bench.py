@@ -88,7 +88,10 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_server(model: Path, backend: str, port: int, threads, args) -> subprocess.Popen:
+def start_server(model: Path, backend: str, port: int, threads, args, extra=(), stderr=subprocess.PIPE
+                 ) -> subprocess.Popen:
+    """`python api.py` on `port`, once /healthz answers. extra: more flags (a repeated flag overrides);
+    stderr: where the server's log goes (a pipe is read only if it exits early: pass a file for long runs)."""
     import httpx
 
     # "onnx-batches": the onnx backend generating each micro-batch as one batch (api.py --onnx-batches)
@@ -96,11 +99,11 @@ def start_server(model: Path, backend: str, port: int, threads, args) -> subproc
     cmd = [sys.executable, str(ROOT / "api.py"), "--model", str(model), *flags, "--port", str(port),
            "--ignore-eos", "--log-level", "warning", "--timeout", "600", "--max-batch", str(args.max_batch),
            "--batch-window-ms", str(args.batch_window_ms)] + (["--threads", str(threads)] if threads else [])
-    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(cmd + list(extra), cwd=ROOT, stdout=subprocess.DEVNULL, stderr=stderr, text=True)
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            raise RuntimeError(f"{backend} server exited: {proc.stderr.read().strip()}")
+            raise RuntimeError(f"{backend} server exited: {proc.stderr.read().strip() if proc.stderr else ''}")
         try:
             if httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=2).status_code == 200:
                 return proc
