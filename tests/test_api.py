@@ -200,6 +200,13 @@ def test_schema_and_server_agree(server, body, valid):
     assert r.status_code == (200 if valid else 422), r.text
 
 
+def test_blank_pattern_knows_every_whitespace():
+    """api.WHITESPACE (the schema's non-blank pattern) scans the BMP only: no White_Space character is beyond."""
+    from api import WHITESPACE
+
+    assert WHITESPACE == "".join(c for c in map(chr, range(sys.maxunicode + 1)) if c.isspace())
+
+
 @pytest.mark.parametrize("path, allowed", [("/healthz", {"GET"}), ("/v1/model", {"GET"}),
                                            ("/v1/reformulate", {"POST"})])
 def test_405_says_which_methods_are_allowed(server, path, allowed):
