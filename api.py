@@ -642,6 +642,14 @@ def create_app(backend: Backend, *, model: Optional[str] = None, load_options: O
                        discard_timeout_s=limits.discard_timeout_s)
     errors = error_docs(limits)
 
+    def refused(err: Exception) -> Response:
+        """The answer to a request the batcher turned away: its queue is full, or the server is draining."""
+        if isinstance(err, QueueFull):
+            return error_response(429, f"{limits.max_queued_queries} queries are queued already; retry in "
+                                       f"{err.retry_after} s", "queue_full",
+                                  headers={"Retry-After": str(err.retry_after)})
+        return error_response(503, "server is shutting down", "unavailable", headers=SHUTDOWN_RETRY_AFTER)
+
     @app.post("/v1/reformulate", response_model=ReformulateResponse, responses=errors)
     async def reformulate(body: RequestBody) -> ReformulateResponse:
         """Subqueries for one query (`query`) or several (`queries`), with greedy, beam or sampled decoding."""
@@ -649,12 +657,8 @@ def create_app(backend: Backend, *, model: Optional[str] = None, load_options: O
         try:
             future = batcher.submit(body.texts(), num_beams=body.num_beams, max_new_tokens=body.max_new_tokens,
                                     temperature=body.temperature, ignore_eos=ignore_eos)
-        except QueueFull as full:
-            return error_response(429, f"{limits.max_queued_queries} queries are queued already; retry in "
-                                       f"{full.retry_after} s", "queue_full",
-                                  headers={"Retry-After": str(full.retry_after)})
-        except RuntimeError:
-            return error_response(503, "server is shutting down", "unavailable", headers=SHUTDOWN_RETRY_AFTER)
+        except (QueueFull, RuntimeError) as err:
+            return refused(err)
         try:
             # on timeout wait_for cancels the wrapper, which cancels the job if it has not started yet
             outputs = await asyncio.wait_for(asyncio.wrap_future(future), limits.request_timeout_s)
@@ -695,12 +699,8 @@ def create_app(backend: Backend, *, model: Optional[str] = None, load_options: O
         try:
             job = batcher.submit_stream(body.query, emit, num_beams=body.num_beams,
                                         max_new_tokens=body.max_new_tokens, temperature=body.temperature)
-        except QueueFull as full:
-            return error_response(429, f"{limits.max_queued_queries} queries are queued already; retry in "
-                                       f"{full.retry_after} s", "queue_full",
-                                  headers={"Retry-After": str(full.retry_after)})
-        except RuntimeError:
-            return error_response(503, "server is shutting down", "unavailable", headers=SHUTDOWN_RETRY_AFTER)
+        except (QueueFull, RuntimeError) as err:
+            return refused(err)
 
         def failure(message: str, kind: str) -> bytes:
             return sse_event("error", {"error": {"message": message, "field": None, "type": kind}})
