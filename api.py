@@ -398,7 +398,7 @@ def make_request_model(limits: Limits) -> type[BaseModel]:
             None, min_length=1, max_length=limits.max_queries,
             description=f"Several questions (at most {limits.max_queries}), answered in order.")
         num_beams: WholeNumber = Field(1, ge=1, le=limits.max_beams, description="1 = greedy; more = beam search.")
-        max_new_tokens: WholeNumber = Field(64, ge=1, le=limits.max_new_tokens,
+        max_new_tokens: WholeNumber = Field(min(64, limits.max_new_tokens), ge=1, le=limits.max_new_tokens,
                                             description="Most tokens generated per query.")
         temperature: float = Field(0.0, ge=0.0, le=limits.max_temperature,
                                    description="0 = deterministic; > 0 samples (with num_beams = 1 only).")

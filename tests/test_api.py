@@ -102,6 +102,8 @@ def test_model_health_and_docs(server, backend):
     assert request["num_beams"]["maximum"] == LIMITS.max_beams
     assert request["queries"]["maxItems"] == LIMITS.max_queries
     assert "description" in request["query"]
+    # a default within the server's limit (64 > LIMITS.max_new_tokens = 32): what an omitted field gets
+    assert request["max_new_tokens"]["default"] == request["max_new_tokens"]["maximum"] == LIMITS.max_new_tokens
 
 
 @pytest.mark.parametrize("payload, status, needle, field", [
