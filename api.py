@@ -385,11 +385,32 @@ def _request_schema(schema: dict) -> None:
         schema["properties"][name].pop("default", None)
 
 
+def make_decoding_options(limits: Limits) -> type[BaseModel]:
+    """The decoding options both request bodies take, with this server's limits."""
+
+    class DecodingOptions(BaseModel):
+        num_beams: WholeNumber = Field(1, ge=1, le=limits.max_beams,
+                                       description="1 = greedy (the stream sends it token by token); more = beam "
+                                                   "search (the stream sends one piece at the end).")
+        max_new_tokens: WholeNumber = Field(min(64, limits.max_new_tokens), ge=1, le=limits.max_new_tokens,
+                                            description="Most tokens generated per query.")
+        temperature: float = Field(0.0, ge=0.0, le=limits.max_temperature,
+                                   description="0 = deterministic; > 0 samples (with num_beams = 1 only).")
+
+        @model_validator(mode="after")
+        def _sampling_without_beams(self):
+            if self.temperature > 0 and self.num_beams > 1:
+                raise ValueError("temperature > 0 (sampling) needs num_beams = 1")
+            return self
+
+    return DecodingOptions
+
+
 def make_request_model(limits: Limits) -> type[BaseModel]:
     """The request schema with this server's limits in its Field constraints (so /docs shows them)."""
     Query = query_text(limits.max_query_chars)
 
-    class ReformulateRequest(BaseModel):
+    class ReformulateRequest(make_decoding_options(limits)):
         model_config = ConfigDict(strict=True, extra="forbid", json_schema_extra=_request_schema)
 
         # typed without None: an explicit null is a 422, as the schema says (None is only "left out")
@@ -397,18 +418,11 @@ def make_request_model(limits: Limits) -> type[BaseModel]:
         queries: list[Query] = Field(
             None, min_length=1, max_length=limits.max_queries,
             description=f"Several questions (at most {limits.max_queries}), answered in order.")
-        num_beams: WholeNumber = Field(1, ge=1, le=limits.max_beams, description="1 = greedy; more = beam search.")
-        max_new_tokens: WholeNumber = Field(min(64, limits.max_new_tokens), ge=1, le=limits.max_new_tokens,
-                                            description="Most tokens generated per query.")
-        temperature: float = Field(0.0, ge=0.0, le=limits.max_temperature,
-                                   description="0 = deterministic; > 0 samples (with num_beams = 1 only).")
 
         @model_validator(mode="after")
         def _exactly_one(self):
             if (self.query is None) == (self.queries is None):
                 raise ValueError("give exactly one of 'query' (a string) or 'queries' (a list of strings)")
-            if self.temperature > 0 and self.num_beams > 1:
-                raise ValueError("temperature > 0 (sampling) needs num_beams = 1")
             return self
 
         def texts(self) -> list[str]:
@@ -424,22 +438,10 @@ def make_stream_request_model(limits: Limits) -> type[BaseModel]:
         schema.update(SAMPLING_WITHOUT_BEAMS)
         schema["examples"] = [{"query": "Who lived longer, Nikola Tesla or Milutin Milankovic?"}]
 
-    class ReformulateStreamRequest(BaseModel):
+    class ReformulateStreamRequest(make_decoding_options(limits)):
         model_config = ConfigDict(strict=True, extra="forbid", json_schema_extra=schema_extra)
 
         query: query_text(limits.max_query_chars) = Field(description="One user question.")
-        num_beams: WholeNumber = Field(1, ge=1, le=limits.max_beams, description="1 = greedy, streamed token by "
-                                       "token; more = beam search, one piece at the end.")
-        max_new_tokens: WholeNumber = Field(min(64, limits.max_new_tokens), ge=1, le=limits.max_new_tokens,
-                                            description="Most tokens generated.")
-        temperature: float = Field(0.0, ge=0.0, le=limits.max_temperature,
-                                   description="0 = deterministic; > 0 samples (with num_beams = 1 only).")
-
-        @model_validator(mode="after")
-        def _sampling_without_beams(self):
-            if self.temperature > 0 and self.num_beams > 1:
-                raise ValueError("temperature > 0 (sampling) needs num_beams = 1")
-            return self
 
     return ReformulateStreamRequest
 
