@@ -74,7 +74,6 @@ class State:
 
 
 STATE = State()
-LOADED: str | None = None   # = STATE.path, kept as a plain name for callers
 
 
 def cpu_flags() -> set[str]:
@@ -134,7 +133,6 @@ def candidates() -> list[str]:
 
 def load(flags: set[str] | None = None) -> State:
     """Preload the first candidate that runs on this CPU (Linux only); return what is in use and why."""
-    global LOADED
     if STATE.path or STATE.refused or not sys.platform.startswith("linux") or os.environ.get("MLX_T5_NO_OPENBLAS"):
         return STATE
     if "mlx.core" in sys.modules:
@@ -159,7 +157,6 @@ def load(flags: set[str] | None = None) -> State:
                 lib.openblas_get_config.restype = lib.openblas_get_corename.restype = ctypes.c_char_p
                 config, corename = lib.openblas_get_config().decode(), lib.openblas_get_corename().decode()
                 STATE.path, STATE.config, STATE.corename = path, config, corename
-                LOADED = path
                 break
             library = f"{path} ({config})"
         unusable.append(f"not using the OpenBLAS {library} for MLX: {found}")
