@@ -78,13 +78,14 @@ def invented_name(rng: random.Random, words: int) -> str:
 
 def swap(example: Example, mapping: dict[str, str]) -> Example:
     """The example with every span in `mapping` replaced, longest first, in the query and every subquery."""
-    def apply(text: str) -> str:
-        # one pass over all spans: a replacement is never itself replaced again
-        pattern = re.compile("|".join(r"(?<!\w)" + re.escape(s) + r"(?!\w)" for s in
-                                      sorted(mapping, key=len, reverse=True)))
-        return pattern.sub(lambda m: mapping[m.group(0)], text)
     if not mapping:
         return example
+    # one pass over all spans, longest first: a replacement is never itself replaced again
+    pattern = re.compile("|".join(_boundary(s).pattern for s in sorted(mapping, key=len, reverse=True)))
+
+    def apply(text: str) -> str:
+        return pattern.sub(lambda m: mapping[m.group(0)], text)
+
     return replace(example, query=apply(example.query), subqueries=tuple(apply(s) for s in example.subqueries))
 
 
