@@ -1,5 +1,6 @@
 """torch_t5.train on tiny random T5s (CPU): SFT, LoRA, resume, output folder, clean errors."""
 
+import argparse
 import json
 import shutil
 
@@ -8,7 +9,7 @@ import pytest
 import torch
 
 from hf_models import save_model
-from reformulation.config import PRESETS, load_config
+from reformulation.config import PRESETS, add_config_args, config_from_args, load_config
 from torch_t5 import presets
 from torch_t5 import train as torch_train
 
@@ -210,6 +211,20 @@ def test_detected_preset_is_applied_below_flags(monkeypatch):
     assert cfg.batch_size == 3  # the flag wins over the preset
     args = torch_train.build_parser().parse_args(["--init", "small", "--preset", "a100"])
     assert torch_train.resolve_config(args).preset == "a100"
+
+
+def test_a_config_file_is_read_as_written_by_both_trainers(monkeypatch, tmp_path):
+    # no detected preset under a config file: the cpu preset would train torch on a tenth of the data
+    monkeypatch.setattr(torch_train, "detect_preset", lambda: ("cpu", "test"))
+    path = tmp_path / "run.yaml"
+    path.write_text("init: small\nlearning_rate: 1.0e-3\n")
+    cfg = torch_train.resolve_config(torch_train.build_parser().parse_args(["--config", str(path)]))
+    mlx_cfg = config_from_args(add_config_args(argparse.ArgumentParser()).parse_args(["--config", str(path)]))
+    assert cfg == mlx_cfg
+    assert cfg.preset is None and cfg.sample_fraction == 1.0 != PRESETS["cpu"]["sample_fraction"]
+    flags = ["--config", str(path), "--preset", "cpu"]
+    named = torch_train.resolve_config(torch_train.build_parser().parse_args(flags))
+    assert named.sample_fraction == PRESETS["cpu"]["sample_fraction"] and named.learning_rate == 1.0e-3
 
 
 def test_token_mean_loss_is_exact_over_accumulated_micro_batches(tokenizer):

@@ -658,9 +658,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def resolve_config(args, console=None) -> TrainConfig:
-    """Config from flags + YAML; the hardware preset is detected when neither names one."""
+    """Config from flags + YAML. Without a config file the hardware preset is detected unless a flag names one.
+
+    A config file is the recipe, read as written by both trainers: a detected preset under it would change the
+    data (the cpu preset trains on a tenth of it) and the learning rate on one engine only."""
     cfg = config_from_args(args)
-    if cfg.preset is None:
+    if cfg.preset is None and getattr(args, "config", None) is None:
         preset, why = detect_preset()
         args.preset = preset
         cfg = config_from_args(args)
