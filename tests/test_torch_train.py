@@ -291,3 +291,21 @@ def test_task_tokenizer_and_augmentation_from_scratch(tmp_path, tiny_config, ful
     model = T5ForConditionalGeneration.from_pretrained(final)
     assert len(tokenizer) <= 400 and model.config.vocab_size == len(tokenizer)
     assert tokenizer.decode(tokenizer("Māori|x").input_ids, skip_special_tokens=True) == "Māori|x"
+
+
+def test_evaluation_batches_keep_the_dataset_order(tokenizer, tmp_path):
+    # transformers 5 length-groups evaluation batches too under group_by_length: GenerationMetrics pairs the
+    # i-th prediction with the i-th reference, so a shuffled order scored every row against another's target
+    from hf_models import make_model
+    from transformers import DataCollatorForSeq2Seq
+
+    cfg = load_config(None, {"init": "small", "output_dir": str(tmp_path), "eval_every": 5, "eval_batch_size": 4})
+    rng = np.random.default_rng(0)
+    lengths = [int(n) for n in rng.integers(2, 40, size=24)]
+    rows = [{"input_ids": [5] * (n - 1) + [1], "labels": [6, 1]} for n in lengths]
+    model = make_model("deep-decoder")
+    trainer = torch_train._trainer_class()(
+        model=model, args=torch_train.training_arguments(cfg, has_eval=True), processing_class=tokenizer,
+        eval_dataset=rows, data_collator=DataCollatorForSeq2Seq(tokenizer, model=model, label_pad_token_id=-100))
+    seen = [int(n) for batch in trainer.get_eval_dataloader(rows) for n in batch["attention_mask"].sum(1)]
+    assert seen == lengths
