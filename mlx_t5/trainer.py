@@ -32,6 +32,7 @@ from reformulation.io import atomic_dir, atomic_write_json, atomic_write_text
 from reformulation.metrics import score
 from reformulation.reporting import MetricsLog, examples_table, plot_curves, read_metrics, summary_table
 from reformulation.recipe import task_tokenizer, training_examples
+from reformulation.run import BEST_DIR, FINAL_DIR, eval_indices, is_better
 
 from .generation import generate
 from .init import init_model
@@ -435,9 +436,7 @@ class TrainState:
     loss_tokens: int = 0
 
     def better(self, rouge_l: float, loss: float) -> bool:
-        if self.best_rouge_l is None or rouge_l > self.best_rouge_l:
-            return True
-        return rouge_l == self.best_rouge_l and loss < self.best_eval_loss
+        return is_better(rouge_l, loss, self.best_rouge_l, self.best_eval_loss)
 
 
 def adapter_meta(cfg: TrainConfig, base: Optional[str]) -> dict:
@@ -579,9 +578,8 @@ class Trainer:
         train = tokenize_split(tokenizer, training_examples(cfg, splits.train), cfg)
         valid = tokenize_split(tokenizer, splits.valid, cfg)
         test = tokenize_split(tokenizer, splits.test, cfg)
-        if cfg.eval_samples and len(valid) > cfg.eval_samples:  # a fixed sample, the same at every eval
-            pick = np.sort(np.random.default_rng(cfg.seed).choice(len(valid), cfg.eval_samples, replace=False))
-            valid = valid.subset(pick)
+        if cfg.eval_samples and len(valid) > cfg.eval_samples:  # the run contract's rows, the same at every eval
+            valid = valid.subset(np.array(eval_indices(len(valid), cfg.eval_samples)))
         return train, valid, test
 
     def _steps(self, n_train: int) -> tuple[int, int]:
@@ -596,7 +594,13 @@ class Trainer:
     def train(self) -> dict:
         cfg, console = self.cfg, self.console
         compute_dtype = DTYPES[cfg.dtype]
-        resume = resume_folder(cfg.resume) if cfg.resume else None
+        if cfg.resume == "auto":  # the run contract: this output folder's checkpoint, or a fresh start
+            saved = self.out / "checkpoint"
+            resume = saved if (saved / "trainer_state.json").is_file() else None
+            console.print(f"resume: {resume or 'no checkpoint in ' + str(self.out) + ', starting fresh'}",
+                          highlight=False)
+        else:
+            resume = resume_folder(cfg.resume) if cfg.resume else None
         if resume is not None:
             check_resume_config(cfg, resume)
 
@@ -811,7 +815,7 @@ class Trainer:
         if improved:
             state.best_rouge_l, state.best_eval_loss = metrics["eval_rouge_l"], metrics["eval_loss"]
             state.best_step = state.step
-            self._save_model(ctx, self.out / "best")
+            self._save_model(ctx, self.out / BEST_DIR)
         return metrics
 
     def _final_eval(self, ctx, state, log) -> dict:
@@ -844,12 +848,12 @@ class Trainer:
 
     def _finish(self, ctx, state: TrainState, final_eval: dict, test: TokenizedSplit, stopped, log) -> dict:
         cfg, console, model = self.cfg, self.console, ctx["model"]
-        self._save_model(ctx, self.out / "final")
+        self._save_model(ctx, self.out / FINAL_DIR)
         if cfg.lora and cfg.fuse:
             fused, _, _ = build_model(cfg, tokenizer=ctx["tokenizer"])  # same base, then the trained adapters
             if cfg.quantize_base:
                 quantize_model(fused, bits=cfg.quantize_base, group_size=64)
-            load_adapters(fused, self.out / "final")
+            load_adapters(fused, self.out / FINAL_DIR)
             save(fuse_lora(fused, dequantize=True), ctx["tokenizer"], self.out / "fused")
         summary = {
             "train_runtime": state.train_runtime,
@@ -894,7 +898,7 @@ class Trainer:
         return summary
 
     def _load_best(self, ctx):
-        model, best = ctx["model"], self.out / "best"
+        model, best = ctx["model"], self.out / BEST_DIR
         if self.cfg.lora:
             model.load_weights(list(mx.load(str(best / ADAPTER_FILE)).items()), strict=False)
         else:

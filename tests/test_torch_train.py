@@ -86,6 +86,38 @@ def test_sft_output_folder(sft_run, tiny_config):
     assert cfg.max_steps == 12 and cfg.init == str(tiny_config) and cfg.preset == "cpu"
 
 
+def test_sft_keeps_the_best_evaluation_and_scores_the_test_split_with_it(sft_run):
+    # the run contract (reformulation.run): best/ = highest eval ROUGE-L, then lowest loss, as the MLX trainer keeps it
+    evals = [r for r in records(sft_run) if "eval_loss" in r]
+    best = max(evals, key=lambda r: (r["eval_rouge_l"], -r["eval_loss"]))
+    summary = json.loads((sft_run / "summary.json").read_text())
+    assert summary["test_model_step"] == best["step"]
+    from safetensors.torch import load_file
+
+    kept, final = (load_file(str(sft_run / d / "model.safetensors")) for d in ("best", "final"))
+    assert kept.keys() == final.keys()
+    assert all(torch.equal(kept[k], final[k]) for k in kept) == (best["step"] == evals[-1]["step"])
+
+
+@pytest.mark.parametrize("shape, lora", [("v1-relu-tied", False), ("odd-heads", False), ("odd-heads", True)])
+def test_load_best_restores_the_saved_weights_in_place(shape, lora, tokenizer, tmp_path):
+    from hf_models import make_model
+
+    cfg = load_config(None, {"init": "small", "output_dir": str(tmp_path), "lora": lora, "lora_targets": "all"})
+    model = make_model(shape)
+    if lora:
+        model = torch_train.apply_lora(model, cfg)
+    torch_train.save_model(model, tokenizer, tmp_path / "best", cfg)
+    saved = {k: v.clone() for k, v in model.state_dict().items()}
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(1.0)
+    assert not all(torch.equal(saved[k], v) for k, v in model.state_dict().items())
+    torch_train.load_best(model, tmp_path / "best", cfg)
+    assert all(torch.equal(saved[k], v) for k, v in model.state_dict().items())
+
+
 def test_final_folder_loads_in_mlx_with_equal_logits(sft_run):
     mlx_t5 = pytest.importorskip("mlx_t5")
     import mlx.core as mx

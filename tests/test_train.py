@@ -223,6 +223,14 @@ def test_resume_after_a_kill_equals_the_uninterrupted_run(workdir, tmp_path, opt
     assert resumed["train_loss"] == pytest.approx(full["train_loss"], rel=1e-6)
 
 
+def test_resume_auto_starts_fresh_then_continues_its_output_folder(workdir, tmp_path):
+    common = dict(max_steps=6, batch_size=8, save_every=2, resume="auto")
+    assert run(config(workdir, tmp_path / "a", **common), stop_after=3)["stopped"] == "killed"  # nothing to resume
+    assert sorted(losses(tmp_path / "a")) == [1, 2, 3]
+    run(config(workdir, tmp_path / "a", **common))  # continues from checkpoint/ (step 2)
+    assert sorted(losses(tmp_path / "a")) == [1, 2, 3, 4, 5, 6]
+
+
 def test_resume_refuses_a_different_data_order(workdir, tmp_path):
     from mlx_t5.trainer import TrainError
 

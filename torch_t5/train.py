@@ -17,7 +17,6 @@ import dataclasses
 import json
 import math
 import os
-import random
 import sys
 import time
 import warnings
@@ -31,11 +30,11 @@ from reformulation.io import atomic_dir, atomic_write_json, atomic_write_text
 from reformulation.metrics import score
 from reformulation.recipe import task_tokenizer, training_examples
 from reformulation.reporting import MetricsLog, examples_table, plot_curves, read_metrics, summary_table
+from reformulation.run import BEST_DIR, FINAL_DIR, eval_indices, is_better
 
 from .infer import quiet_transformers
 from .presets import check_dtype, detect_preset
 
-FINAL_DIR = "final"
 ADAPTER_DIR = "adapter"
 _REPO = Path(__file__).resolve().parents[1]
 DEFAULT_TOKENIZER = _REPO.parent / "shared" / "tokenizers" / "flan-t5-small"
@@ -243,11 +242,7 @@ def load_data(cfg: TrainConfig, tokenizer, console=None, splits: Splits | None =
     """``(train, valid_for_eval, test)`` datasets; the train set holds the augmented rows too."""
     splits = splits if splits is not None else load_splits(cfg, console)
     valid = splits.valid
-    if cfg.eval_samples and len(valid) > cfg.eval_samples:
-        # a fixed spread-out subset: rows of one target sit together, the first N would be few targets;
-        # the same for every seed, so runs are compared on the same rows
-        keep = sorted(random.Random(0).sample(range(len(valid)), cfg.eval_samples))
-        valid = [valid[i] for i in keep]
+    valid = [valid[i] for i in eval_indices(len(valid), cfg.eval_samples)]  # the run contract's rows
     train = training_examples(cfg, splits.train)
     datasets = [Seq2SeqDataset(tokenizer, part, cfg) for part in (train, valid, splits.test)]
     if console is not None:
@@ -433,6 +428,22 @@ def _callbacks():
                 self.console.print(f"[yellow]max_minutes ({self.max_minutes:g}) spent[/]: stopping at step "
                                    f"{state.global_step} of {state.max_steps}", highlight=False)
 
+    class KeepBest(TrainerCallback):
+        """best/: the model of the best evaluation so far (reformulation.run.is_better), as the MLX trainer keeps it.
+        `save(model)` writes it; only the main process saves."""
+
+        def __init__(self, save, enabled: bool = True):
+            self.save, self.enabled = save, enabled
+            self.rouge_l = self.loss = self.step = None
+
+        def on_evaluate(self, args, state, control, metrics=None, model=None, **kwargs):
+            if not metrics or "eval_rouge_l" not in metrics:
+                return
+            if is_better(metrics["eval_rouge_l"], metrics["eval_loss"], self.rouge_l, self.loss):
+                self.rouge_l, self.loss, self.step = metrics["eval_rouge_l"], metrics["eval_loss"], state.global_step
+                if self.enabled:
+                    self.save(model)
+
     class RichProgress(TrainerCallback):
         """A rich progress bar for training and for each evaluation, and one line per log record."""
 
@@ -493,7 +504,7 @@ def _callbacks():
                 self.progress.stop()
                 self.progress = None
 
-    return MetricsCallback, TimeBudget, RichProgress
+    return MetricsCallback, TimeBudget, KeepBest, RichProgress
 
 
 def resolve_resume(cfg: TrainConfig) -> str | None:
@@ -536,6 +547,28 @@ def save_full(model, tokenizer, path: Path, max_new_tokens: int = 64) -> Path:
     finally:
         model.generation_config = eval_generation  # the final evaluation still decodes with the eval settings
     return path
+
+
+def save_model(model, tokenizer, path: Path, cfg: TrainConfig) -> Path:
+    """The trained model as the run keeps it: LoRA adapters, or the full HF folder."""
+    if cfg.lora:
+        return save_adapter(model, tokenizer, path)
+    return save_full(unwrap(model), tokenizer, path, cfg.eval_max_new_tokens)
+
+
+def load_best(model, path: Path, cfg: TrainConfig) -> None:
+    """Put the weights saved by `save_model` in `path` back into the model being trained, in place."""
+    from safetensors.torch import load_file
+
+    if cfg.lora:
+        from peft import set_peft_model_state_dict
+
+        set_peft_model_state_dict(model, load_file(str(path / "adapter_model.safetensors")))
+        return
+    base = unwrap(model)
+    # from_pretrained resolves the tied / untied head as the folder says; its state dict has every key
+    saved = type(base).from_pretrained(str(path), dtype=next(base.parameters()).dtype)
+    base.load_state_dict(saved.state_dict())
 
 
 def save_adapter(peft_model, tokenizer, path: Path) -> Path:
@@ -605,9 +638,10 @@ def train(cfg: TrainConfig, tokenizer_override: str | None = None, console=None)
         console.print(f"LoRA: {trainable:,} trainable of {total:,} parameters ({trainable / total:.2%})")
 
     set_generation_config(model, cfg)
-    MetricsCallback, TimeBudget, RichProgress = _callbacks()
+    MetricsCallback, TimeBudget, KeepBest, RichProgress = _callbacks()
     metrics = GenerationMetrics(tokenizer, eval_set)
     metrics_log = MetricsCallback(out, enabled=main)
+    keep_best = KeepBest(lambda m: save_model(m, tokenizer, out / BEST_DIR, cfg), enabled=main)
     trainer = _trainer_class()(
         model=model,
         args=training_arguments(cfg, has_eval=len(eval_set) > 0),
@@ -619,7 +653,7 @@ def train(cfg: TrainConfig, tokenizer_override: str | None = None, console=None)
         processing_class=tokenizer,
         compute_loss_func=token_mean_loss,
         compute_metrics=metrics,
-        callbacks=[metrics_log, TimeBudget(cfg.max_minutes, console), RichProgress(console)],
+        callbacks=[metrics_log, TimeBudget(cfg.max_minutes, console), keep_best, RichProgress(console)],
     )
     for callback in (PrinterCallback, ProgressCallback):
         trainer.remove_callback(callback)
@@ -629,10 +663,7 @@ def train(cfg: TrainConfig, tokenizer_override: str | None = None, console=None)
 
     if trainer.is_world_process_zero():
         with console.status("saving"):
-            if cfg.lora:
-                save_adapter(trainer.model, tokenizer, out / ADAPTER_DIR)
-            else:
-                save_full(trainer.model, tokenizer, out / FINAL_DIR, cfg.eval_max_new_tokens)
+            save_model(trainer.model, tokenizer, out / (ADAPTER_DIR if cfg.lora else FINAL_DIR), cfg)
     trainer.accelerator.wait_for_everyone()
 
     if len(eval_set):
@@ -645,8 +676,13 @@ def train(cfg: TrainConfig, tokenizer_override: str | None = None, console=None)
                 evaluation = trainer.evaluate()
         summary.update({k: v for k, v in evaluation.items() if k in SUMMARY_KEYS})
     if len(test_set):
+        trainer.accelerator.wait_for_everyone()  # best/ written by the main process
+        summary["test_model_step"] = keep_best.step if keep_best.step is not None else trainer.state.global_step
+        if keep_best.step is not None and keep_best.step != trainer.state.global_step:  # score the kept model
+            load_best(trainer.model, out / BEST_DIR, cfg)
         metrics.dataset = test_set
-        with console.status(f"scoring the test split ({len(test_set):,} rows)"):
+        with console.status(f"scoring the test split ({len(test_set):,} rows) with the model of step "
+                            f"{summary['test_model_step']}"):
             test = trainer.predict(test_set, metric_key_prefix="test").metrics
         metrics_log.write({"step": trainer.state.global_step, **test})
         summary.update({k: v for k, v in test.items() if k.startswith("test_") and not k.endswith("per_second")})
@@ -662,7 +698,7 @@ def train(cfg: TrainConfig, tokenizer_override: str | None = None, console=None)
         console.print(summary_table(summary, title="Training Log"))
         if len(test_set) and len(metrics.predictions) == len(test_set):
             console.print(examples_table(test_set.examples, metrics.predictions, seed=cfg.seed))
-        saved = [d for d in (FINAL_DIR, ADAPTER_DIR) if (out / d).is_dir()]
+        saved = [d for d in (FINAL_DIR, BEST_DIR, ADAPTER_DIR) if (out / d).is_dir()]
         console.print(f"[green]saved[/] {', '.join(str(out / d) for d in saved)}", highlight=False)
     return TrainResult(summary, trainer.model, tokenizer, out)
 
