@@ -4,8 +4,8 @@
     python train.py --engine mlx --config configs/quickstart.yaml
 
 Both engines read the config the same way (reformulation.config) and write the same run folder. On an x86 or ARM
-Linux CPU, torch trains the small from-scratch models ~1.9x faster per sample than MLX (whose CPU element-wise kernels
-are single-threaded), so a time-capped run there gets ~1.9x the steps; on a Mac, MLX uses the GPU and unified memory.
+Linux CPU, torch trains the small from-scratch models ~1.8x faster per sample than MLX (whose CPU element-wise kernels
+are single-threaded), so a time-capped run there gets ~1.8x the steps; on a Mac, MLX uses the GPU and unified memory.
 Every other flag is the trainer's own (`python -m mlx_t5.train --help`, `python -m torch_t5.train --help`).
 """
 
@@ -21,7 +21,7 @@ def default_engine() -> tuple[str, str]:
     """(engine, why) for this machine."""
     if platform.system() == "Darwin" and platform.machine() == "arm64":
         return "mlx", "Apple Silicon"
-    return "torch", f"{platform.system()} {platform.machine()}: torch trains ~1.9x faster per sample on a CPU"
+    return "torch", f"{platform.system()} {platform.machine()}: torch trains ~1.8x faster per sample on a CPU"
 
 
 def main(argv=None) -> int:
