@@ -4,8 +4,8 @@
     python train.py --engine mlx --config configs/quickstart.yaml
 
 Both engines read the config the same way (reformulation.config), evaluate the same rows and write final/, best/,
-metrics.jsonl, curves.png and summary.json alike (reformulation.run); their resume checkpoints and LoRA folders differ. On an x86 or ARM
-Linux CPU, torch trains the small from-scratch models ~1.8x faster per sample than MLX (whose CPU element-wise kernels
+metrics.jsonl, curves.png and summary.json alike (reformulation.run); their resume checkpoints and LoRA folders
+differ. On an x86 or ARM Linux CPU, torch trains the small from-scratch models ~1.8x faster per sample than MLX (whose CPU element-wise kernels
 are single-threaded), so a time-capped run there gets ~1.8x the steps; on a Mac, MLX uses the GPU and unified memory.
 Every other flag is the trainer's own (`python -m mlx_t5.train --help`, `python -m torch_t5.train --help`).
 """
