@@ -17,6 +17,7 @@ LORA_ATTENTION = ("q", "k", "v", "o")
 LORA_FFN = ("wi", "wi_0", "wi_1", "wo")
 LORA_LINEARS = LORA_ATTENTION + LORA_FFN
 LORA_TARGETS = {"qv": ("q", "v"), "all": LORA_LINEARS}
+LORA_PARENTS = ("SelfAttention", "EncDecAttention", "DenseReluDense")  # the modules those Linears sit in
 
 # weights per scale in MLX affine quantization (QLoRA base, `mlx_t5.quantize`, `convert hf-to-mlx`)
 GROUP_SIZE = 64
