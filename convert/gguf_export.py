@@ -21,6 +21,7 @@ import numpy as np
 from mlx.utils import tree_flatten
 
 from mlx_t5.quantize import dequantize_model
+from reformulation.constants import decoder_output_scale
 
 from .checkpoints import load_checkpoint, read_config
 from .errors import ConvertError
@@ -178,8 +179,9 @@ def gguf_tensors(model, gguf) -> list[tuple[str, np.ndarray]]:
     """(gguf name, float32 array) for every tensor llama.cpp reads, in checkpoint order."""
     args = model.args
     weights = {k: np.array(v.astype(mx.float32)) for k, v in tree_flatten(model.parameters())}
-    if args.tie_word_embeddings:
-        weights["lm_head.weight"] = weights["shared.weight"] * np.float32(args.d_model ** -0.5)
+    scale = decoder_output_scale(args)
+    if scale is not None:
+        weights["lm_head.weight"] = weights["shared.weight"] * np.float32(scale)
     names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.T5, max(args.num_layers, args.num_decoder_layers))
     out, unmapped = [], []
     for key, value in weights.items():

@@ -11,6 +11,8 @@ from typing import Any, Optional
 import mlx.core as mx
 import mlx.nn as nn
 
+from reformulation.constants import decoder_output_scale
+
 NEG_INF = -1e9  # additive mask value: finite so a fully masked row gives a uniform softmax, not NaN
 
 
@@ -340,9 +342,10 @@ class Model(nn.Module):
                cache: Optional[list[KVCache]] = None) -> mx.array:
         """Logits for decoder_input_ids given the encoder output; with a cache, feed only the new tokens."""
         h = self.decoder(self.shared(decoder_input_ids), memory=memory, memory_mask=memory_mask, cache=cache)
-        if self.args.tie_word_embeddings:
+        scale = decoder_output_scale(self.args)
+        if scale is not None:
             # v1.0 rescales before the tied head; as_linear keeps working once the embedding is quantized.
-            h = h * self.args.d_model ** -0.5
+            h = h * scale
             if isinstance(self.shared, nn.QuantizedEmbedding):
                 return self.shared.as_linear(h)
             return linear(h, self.shared.weight)
