@@ -38,7 +38,7 @@ from .generation import generate
 from .init import init_model
 from .lora import CONFIG_FILE as ADAPTER_CONFIG, adapter_config, adapter_weights, apply_lora, fuse_lora
 from .lora import ADAPTER_FILE, load_adapters
-from .model import Block, Model, loss_fn
+from .model import Block, Model, loss_fn, summed_token_loss
 from .quantize import quantize_model
 from .utils import DTYPES, load, load_tokenizer, model_config, save
 
@@ -276,35 +276,6 @@ def cast_frozen(model: nn.Module, dtype: mx.Dtype):
 
 
 # -- the compiled step ---------------------------------------------------------------------------------
-
-@mx.custom_function
-def token_cross_entropy(logits: mx.array, targets: mx.array):
-    """Per-token cross-entropy, and the softmax it computed (kept for the backward pass).
-
-    Same values as nn.losses.cross_entropy; the vjp reuses the forward's probabilities instead of
-    exponentiating the (tokens x 32k vocabulary) logits a second time: exp is the costliest op of a T5
-    step on CPUs where MLX has no vectorised exp."""
-    shift = mx.stop_gradient(logits.max(axis=-1, keepdims=True))
-    exp = mx.exp(logits - shift)
-    total = exp.sum(axis=-1, keepdims=True)
-    picked = mx.take_along_axis(logits, targets[..., None], axis=-1)
-    return (shift + mx.log(total) - picked).squeeze(-1), exp / total
-
-
-@token_cross_entropy.vjp
-def _token_cross_entropy_vjp(primals, cotangents, outputs):
-    logits, targets = primals
-    onehot = mx.arange(logits.shape[-1]) == targets[..., None]
-    return cotangents[0][..., None] * (outputs[1] - onehot), mx.zeros_like(targets)
-
-
-def summed_token_loss(model: Model, input_ids, attention_mask, decoder_input_ids, labels):
-    """(sum of token cross-entropies over labels != -100, their count): `loss_fn` without the mean."""
-    logits = model(input_ids, decoder_input_ids, attention_mask).astype(mx.float32)
-    valid = labels != -100
-    losses, _ = token_cross_entropy(logits, mx.where(valid, labels, 0))
-    return (losses * valid).sum(), valid.sum()
-
 
 def global_norm(tree) -> mx.array:
     """L2 norm over every array of `tree`, each sum of squares as a BLAS dot product (MLX's CPU
