@@ -13,6 +13,7 @@ import mlx_t5
 from mlx_t5.quantize import dequantize_model, quantize_model
 from mlx_t5.utils import DTYPES, load_config, load_model
 from mlx_t5.utils import model_args as mlx_model_args
+from reformulation.constants import GROUP_SIZE
 
 from .errors import ConvertError
 
@@ -76,7 +77,7 @@ def save_checkpoint(model: mlx_t5.Model, out_dir: PathLike, source: PathLike) ->
 
 
 def hf_to_mlx(hf_dir: PathLike, out_dir: PathLike, dtype: Optional[str] = None, bits: Optional[int] = None,
-              group_size: int = 64) -> mlx_t5.Model:
+              group_size: int = GROUP_SIZE) -> mlx_t5.Model:
     """HF checkpoint (safetensors or pytorch_model.bin) -> MLX checkpoint folder; returns the written model.
 
     Args:

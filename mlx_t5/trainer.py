@@ -27,6 +27,7 @@ import numpy as np
 from mlx.utils import tree_flatten, tree_map, tree_map_with_path
 
 from reformulation.config import TrainConfig
+from reformulation.constants import GROUP_SIZE
 from reformulation.data import DuplicateRowsWarning, Splits, load_examples, make_splits, shift_right, tokenize
 from reformulation.io import atomic_dir, atomic_write_json, atomic_write_text
 from reformulation.metrics import score
@@ -260,7 +261,7 @@ def build_model(cfg: TrainConfig, console=None, tokenizer=None):
 def prepare_lora(model: Model, cfg: TrainConfig) -> list[str]:
     """QLoRA: quantize the frozen base first; then wrap the target layers (seeded adapter init)."""
     if cfg.quantize_base:
-        quantize_model(model, bits=cfg.quantize_base, group_size=64)
+        quantize_model(model, bits=cfg.quantize_base, group_size=GROUP_SIZE)
     mx.random.seed(cfg.seed)
     return apply_lora(model, rank=cfg.lora_rank, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout,
                       targets=list(cfg.lora_modules()))
@@ -414,7 +415,7 @@ def adapter_meta(cfg: TrainConfig, base: Optional[str]) -> dict:
     """adapter_config.json extras: the base and, for QLoRA, how to quantize it before loading the adapters."""
     meta = {"base_model": base, "lora_parameters": {"targets": cfg.lora_targets}}
     if cfg.quantize_base:
-        meta["base_quantization"] = {"bits": cfg.quantize_base, "group_size": 64}
+        meta["base_quantization"] = {"bits": cfg.quantize_base, "group_size": GROUP_SIZE}
     return meta
 
 
@@ -823,7 +824,7 @@ class Trainer:
         if cfg.lora and cfg.fuse:
             fused, _, _ = build_model(cfg, tokenizer=ctx["tokenizer"])  # same base, then the trained adapters
             if cfg.quantize_base:
-                quantize_model(fused, bits=cfg.quantize_base, group_size=64)
+                quantize_model(fused, bits=cfg.quantize_base, group_size=GROUP_SIZE)
             load_adapters(fused, self.out / FINAL_DIR)
             save(fuse_lora(fused, dequantize=True), ctx["tokenizer"], self.out / "fused")
         summary = {
