@@ -29,7 +29,7 @@ from mlx.utils import tree_flatten, tree_map, tree_map_with_path
 from reformulation.config import TrainConfig
 from reformulation.constants import GROUP_SIZE
 from reformulation.data import DuplicateRowsWarning, Splits, load_examples, make_splits, shift_right, tokenize
-from reformulation.io import atomic_dir, atomic_write_json, atomic_write_text
+from reformulation.io import atomic_dir, atomic_write_json, atomic_write_text, read_json_object
 from reformulation.metrics import score
 from reformulation.reporting import MetricsLog, examples_table, plot_curves, read_metrics, summary_table
 from reformulation.recipe import task_tokenizer, training_examples
@@ -446,14 +446,7 @@ def save_checkpoint(folder: Path, model: Model, optimizer: optim.Optimizer, stat
 
 def restore_checkpoint(folder: Path, model: Model, optimizer: optim.Optimizer, cfg: TrainConfig) -> TrainState:
     """Load weights, optimizer state, RNG and position from `folder` into the freshly built model/optimizer."""
-    import json
-
-    try:
-        saved = json.loads((folder / "trainer_state.json").read_text())
-    except FileNotFoundError:
-        raise TrainError(f"{folder}: no trainer_state.json (not a checkpoint folder)") from None
-    except json.JSONDecodeError as err:
-        raise TrainError(f"{folder / 'trainer_state.json'}: invalid JSON ({err})") from None
+    saved = read_json_object(folder / "trainer_state.json", "a checkpoint folder", TrainError)
     try:
         if cfg.lora:
             load_adapters(model, folder)
