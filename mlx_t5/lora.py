@@ -20,6 +20,7 @@ from mlx_lm.tuner.lora import LoRALinear
 from reformulation.constants import LORA_PARENTS, lora_targets_label, parse_lora_targets
 from reformulation.io import atomic_dir, read_json_object
 
+from .model import Dropout
 from .utils import LoadError
 
 ADAPTER_FILE = "adapters.safetensors"
@@ -78,7 +79,9 @@ def apply_lora(model: nn.Module, rank: int = 8, alpha: float = 16.0, dropout: fl
         raise ValueError(f"no Linear layer of the model matches LoRA targets {targets!r}")
     model.freeze()
     for path in paths:
-        _set(model, path, LoRALinear.from_base(_get(model, path), r=rank, dropout=dropout, scale=alpha / rank))
+        layer = LoRALinear.from_base(_get(model, path), r=rank, dropout=dropout, scale=alpha / rank)
+        layer.dropout = Dropout(dropout)  # the same dropout, its rate readable for adapter_config.json
+        _set(model, path, layer)
     return paths
 
 
@@ -102,7 +105,7 @@ def adapter_config(model: nn.Module, meta: Optional[dict] = None) -> dict:
         "fine_tune_type": "lora",
         "base_model": None,
         "lora_parameters": {"rank": rank, "alpha": float(first.scale * rank), "scale": float(first.scale),
-                            "dropout": float(1 - first.dropout._p_1), "targets": lora_targets_label(paths)},
+                            "dropout": float(first.dropout.p), "targets": lora_targets_label(paths)},
         "target_modules": paths,
     }
     for key, value in (meta or {}).items():

@@ -149,6 +149,15 @@ class Linear(nn.Linear):
         return linear(x, self.weight)
 
 
+class Dropout(nn.Dropout):
+    """nn.Dropout with its rate readable (MLX keeps only a private 1 - p): for attention's fused path, the
+    trainer's keyed dropout and adapter_config.json."""
+
+    def __init__(self, p: float = 0.5):
+        super().__init__(p)
+        self.p = p
+
+
 class Attention(nn.Module):
     def __init__(self, args: ModelArgs, has_relative_bias: bool):
         super().__init__()
@@ -160,7 +169,7 @@ class Attention(nn.Module):
         self.o = Linear(inner, args.d_model, bias=False)
         if has_relative_bias:
             self.relative_attention_bias = nn.Embedding(args.relative_attention_num_buckets, args.num_heads)
-        self.dropout = nn.Dropout(args.dropout_rate)
+        self.dropout = Dropout(args.dropout_rate)
 
     def _heads(self, x: mx.array) -> mx.array:
         B, L, _ = x.shape
@@ -183,7 +192,7 @@ class Attention(nn.Module):
                 cache.cross = (k, v)
 
         bias = None if bias is None else bias.astype(q.dtype)
-        if self.training and self.dropout._p_1 < 1:  # nn.Dropout keeps 1 - p
+        if self.training and self.dropout.p > 0:
             # dropout on the attention probabilities needs the unfused path. T5 has no 1/sqrt(d) scaling.
             scores = (q @ k.transpose(0, 1, 3, 2)).astype(mx.float32)
             scores = scores if bias is None else scores + bias
@@ -205,7 +214,7 @@ class DenseReluDense(nn.Module):
         self.wo = Linear(args.d_ff, args.d_model, bias=False)
         self.act = ACTIVATIONS[args.activation]
         self.gated = args.is_gated
-        self.dropout = nn.Dropout(args.dropout_rate)
+        self.dropout = Dropout(args.dropout_rate)
 
     def __call__(self, x: mx.array) -> mx.array:
         h = self.act(self.wi_0(x)) * self.wi_1(x) if self.gated else self.act(self.wi(x))
@@ -217,7 +226,7 @@ class SelfAttentionLayer(nn.Module):
         super().__init__()
         self.SelfAttention = Attention(args, has_relative_bias)
         self.layer_norm = nn.RMSNorm(args.d_model, eps=args.layer_norm_epsilon)
-        self.dropout = nn.Dropout(args.dropout_rate)
+        self.dropout = Dropout(args.dropout_rate)
 
     def __call__(self, x, bias, cache=None):
         return x + self.dropout(self.SelfAttention(self.layer_norm(x), None, bias, cache))
@@ -228,7 +237,7 @@ class CrossAttentionLayer(nn.Module):
         super().__init__()
         self.EncDecAttention = Attention(args, has_relative_bias=False)
         self.layer_norm = nn.RMSNorm(args.d_model, eps=args.layer_norm_epsilon)
-        self.dropout = nn.Dropout(args.dropout_rate)
+        self.dropout = Dropout(args.dropout_rate)
 
     def __call__(self, x, memory, bias, cache=None):
         return x + self.dropout(self.EncDecAttention(self.layer_norm(x), memory, bias, cache))
@@ -239,7 +248,7 @@ class FeedForwardLayer(nn.Module):
         super().__init__()
         self.DenseReluDense = DenseReluDense(args)
         self.layer_norm = nn.RMSNorm(args.d_model, eps=args.layer_norm_epsilon)
-        self.dropout = nn.Dropout(args.dropout_rate)
+        self.dropout = Dropout(args.dropout_rate)
 
     def __call__(self, x):
         return x + self.dropout(self.DenseReluDense(self.layer_norm(x)))
@@ -272,7 +281,7 @@ class Stack(nn.Module):
         self.max_distance = args.relative_attention_max_distance
         self.block = [Block(args, is_decoder, has_relative_bias=i == 0) for i in range(n)]
         self.final_layer_norm = nn.RMSNorm(args.d_model, eps=args.layer_norm_epsilon)
-        self.dropout = nn.Dropout(args.dropout_rate)
+        self.dropout = Dropout(args.dropout_rate)
 
     def position_bias(self, query_length: int, key_length: int, offset: int = 0) -> mx.array:
         """(1, heads, query_length, key_length); decoder queries start at `offset` (the cached length)."""

@@ -39,7 +39,7 @@ from .generation import generate
 from .init import init_model
 from .lora import CONFIG_FILE as ADAPTER_CONFIG, adapter_config, adapter_weights, apply_lora, fuse_lora
 from .lora import ADAPTER_FILE, load_adapters
-from .model import Block, Model, loss_fn, summed_token_loss
+from .model import Block, Dropout, Model, loss_fn, summed_token_loss
 from .quantize import quantize_model
 from .utils import DTYPES, load, load_tokenizer, model_config, save
 
@@ -175,7 +175,7 @@ def set_dropout(model: nn.Module, p: float):
     for _, module in model.named_modules():
         for name, child in module.children().items():
             if isinstance(child, nn.Dropout):
-                module[name] = nn.Dropout(p)
+                module[name] = Dropout(p)
 
 
 class _KeyBox:
@@ -232,7 +232,7 @@ def enable_gradient_checkpointing(model: Model):
             for _, module in block.named_modules():
                 for name, child in module.children().items():
                     if isinstance(child, nn.Dropout):
-                        module[name] = KeyedDropout(1 - child._p_1, block._box)
+                        module[name] = KeyedDropout(child.p, block._box)
 
 
 def build_model(cfg: TrainConfig, console=None, tokenizer=None):
