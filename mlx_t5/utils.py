@@ -8,6 +8,7 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
 
+from reformulation.constants import decoder_output_scale
 from reformulation.io import atomic_dir, read_json_object
 
 from .model import Model, ModelArgs
@@ -186,7 +187,7 @@ def model_config(model: Model) -> dict:
     config.update({k: v for k, v in vars(args).items() if k not in ("extra", "quantization")})
     config.update(model_type="t5", architectures=["T5ForConditionalGeneration"], is_encoder_decoder=True,
                   is_gated_act=args.is_gated, dense_act_fn=args.activation,
-                  scale_decoder_outputs=args.tie_word_embeddings)  # transformers 5 reads this for the v1.0 rescale
+                  scale_decoder_outputs=decoder_output_scale(args) is not None)  # what transformers 5 reads
     if args.quantization:
         config["quantization"] = args.quantization
     return config
