@@ -187,6 +187,7 @@ class KeyedDropout(nn.Module):
 
     def __init__(self, p: float, box: _KeyBox):
         super().__init__()
+        self.p = p  # read like model.Dropout's (attention's unfused path)
         self._p_1 = 1 - p
         self._box = box
 
