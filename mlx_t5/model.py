@@ -377,17 +377,23 @@ class Model(nn.Module):
         return {k: v for k, v in weights.items() if k not in drop}
 
 
+def _cross_entropy(logits: mx.array, targets: mx.array):
+    """Per-token cross-entropy, and the exponentials and their sum (the softmax's parts)."""
+    shift = mx.stop_gradient(logits.max(axis=-1, keepdims=True))
+    exp = mx.exp(logits - shift)
+    total = exp.sum(axis=-1, keepdims=True)
+    picked = mx.take_along_axis(logits, targets[..., None], axis=-1)
+    return (shift + mx.log(total) - picked).squeeze(-1), exp, total
+
+
 @mx.custom_function
 def token_cross_entropy(logits: mx.array, targets: mx.array):
     """Per-token cross-entropy, and the softmax it computed (kept for the backward pass).
 
     The vjp reuses the forward's probabilities instead of exponentiating the (tokens x 32k vocabulary)
     logits a second time: exp is the costliest op of a T5 step on CPUs where MLX has no vectorised exp."""
-    shift = mx.stop_gradient(logits.max(axis=-1, keepdims=True))
-    exp = mx.exp(logits - shift)
-    total = exp.sum(axis=-1, keepdims=True)
-    picked = mx.take_along_axis(logits, targets[..., None], axis=-1)
-    return (shift + mx.log(total) - picked).squeeze(-1), exp / total
+    losses, exp, total = _cross_entropy(logits, targets)
+    return losses, exp / total
 
 
 @token_cross_entropy.vjp
@@ -397,10 +403,14 @@ def _token_cross_entropy_vjp(primals, cotangents, outputs):
     return cotangents[0][..., None] * (outputs[1] - onehot), mx.zeros_like(targets)
 
 
-def token_loss(logits: mx.array, labels: mx.array) -> tuple[mx.array, mx.array]:
-    """(sum of the float32 token cross-entropies over labels != -100, their count): padding never counts."""
+def token_loss(logits: mx.array, labels: mx.array, keep_softmax: bool = True) -> tuple[mx.array, mx.array]:
+    """(sum of the float32 token cross-entropies over labels != -100, their count): padding never counts.
+
+    keep_softmax: through token_cross_entropy (the training step's fast backward); False computes the same
+    arithmetic without keeping a tokens x vocabulary softmax alive (evaluation; autodiff still works)."""
     valid = labels != -100
-    losses, _ = token_cross_entropy(logits.astype(mx.float32), mx.where(valid, labels, 0))
+    logits, targets = logits.astype(mx.float32), mx.where(valid, labels, 0)
+    losses = (token_cross_entropy if keep_softmax else _cross_entropy)(logits, targets)[0]
     return (losses * valid).sum(), valid.sum()
 
 
@@ -412,5 +422,5 @@ def summed_token_loss(model: Model, input_ids: mx.array, attention_mask: mx.arra
 def loss_fn(model: Model, input_ids: mx.array, attention_mask: mx.array, decoder_input_ids: mx.array,
             labels: mx.array) -> tuple[mx.array, mx.array]:
     """Mean token cross-entropy over labels != -100 (padding never counts), and the token count."""
-    total, ntoks = summed_token_loss(model, input_ids, attention_mask, decoder_input_ids, labels)
+    total, ntoks = token_loss(model(input_ids, decoder_input_ids, attention_mask), labels, keep_softmax=False)
     return total / mx.maximum(ntoks, 1), ntoks
