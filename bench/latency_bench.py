@@ -33,6 +33,7 @@ sys.path.insert(0, str(ROOT / "tests"))
 
 import mlx_t5  # noqa: E402  (before mlx: preloads OpenBLAS on Linux)
 
+from reformulation.constants import GROUP_SIZE  # noqa: E402
 from reformulation.data import format_source  # noqa: E402
 from reformulation.io import atomic_write_json  # noqa: E402
 
@@ -65,7 +66,7 @@ def mlx_runner(folder: Path, backend: str, ids: list[int], new_tokens: int):
 
     model, _ = mlx_t5.load(folder, dtype="bfloat16" if backend == "mlx-bf16" else "float32")
     if backend in ("mlx-q8", "mlx-q4"):
-        quantize_model(model, bits=int(backend[-1]), group_size=64)
+        quantize_model(model, bits=int(backend[-1]), group_size=GROUP_SIZE)
     x, mask = mx.array([ids]), mx.ones((1, len(ids)), dtype=mx.int32)
 
     def run():

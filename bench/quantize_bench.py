@@ -41,6 +41,7 @@ import numpy as np  # noqa: E402
 from mlx.utils import tree_flatten  # noqa: E402
 
 from mlx_t5.quantize import quantize_model  # noqa: E402
+from reformulation.constants import GROUP_SIZE  # noqa: E402
 from reformulation.data import load_examples, pad_batch, shift_right, tokenize  # noqa: E402
 from reformulation.io import atomic_write_json  # noqa: E402
 
@@ -110,7 +111,7 @@ def variant(model, name: str):
     if name == "bf16":
         clone.set_dtype(mx.bfloat16)
     elif name in ("q8", "q4"):
-        quantize_model(clone, bits=int(name[1]), group_size=64)
+        quantize_model(clone, bits=int(name[1]), group_size=GROUP_SIZE)
     mx.eval(clone.parameters())
     return clone
 
@@ -212,7 +213,7 @@ def main(argv=None) -> int:
     console.print(f"tiny model: {training['steps']} steps in {training['seconds']:.0f} s, final loss "
                   f"{training['final_loss']:.3f}, fp32 exact match on its training queries "
                   f"{training['exact_match_fp32']:.0%}")
-    atomic_write_json(args.out, {"training": training, "tiny_config": TINY, "group_size": 64,
+    atomic_write_json(args.out, {"training": training, "tiny_config": TINY, "group_size": GROUP_SIZE,
                                  "mlx": mx.__version__, "device": str(mx.default_device()), "results": results})
     console.print(f"wrote {args.out}")
     return 0

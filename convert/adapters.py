@@ -20,7 +20,8 @@ import mlx.nn as nn
 import numpy as np
 
 import mlx_t5
-from mlx_t5.lora import ADAPTER_FILE, CONFIG_FILE, fuse_lora, load_adapters
+from mlx_t5.lora import ADAPTER_FILE, CONFIG_FILE, fuse_lora, load_adapters, path_order
+from reformulation.constants import LORA_ATTENTION, LORA_FFN, LORA_LINEARS, LORA_PARENTS, lora_targets_label
 from reformulation.io import atomic_dir, read_json_object
 
 from .checkpoints import SideFiles, load_checkpoint, model_args, read_config, save_checkpoint
@@ -30,8 +31,6 @@ PEFT_WEIGHTS = "adapter_model.safetensors"
 PEFT_PREFIX = "base_model.model."
 _PEFT_KEY = re.compile(r"^base_model\.model\.(?P<path>.+)\.lora_(?P<which>[AB])\.weight$")
 _MLX_KEY = re.compile(r"^(?P<path>.+)\.lora_(?P<which>[ab])$")
-ATTENTION = ("q", "k", "v", "o")
-FFN = ("wi", "wi_0", "wi_1", "wo")
 
 PathLike = Union[str, Path]
 
@@ -85,11 +84,11 @@ def _linear_shapes(base: PathLike) -> dict[str, tuple[int, int]]:
 
 def check_adaptable(paths, where: Path):
     """mlx_t5.lora wraps the attention and FFN Linears only (not lm_head, not embeddings)."""
-    bad = [p for p in sorted(paths) if p.rsplit(".", 1)[-1] not in ATTENTION + FFN
-           or p.split(".")[-2:-1] not in (["SelfAttention"], ["EncDecAttention"], ["DenseReluDense"])]
+    bad = [p for p in sorted(paths) if p.rsplit(".", 1)[-1] not in LORA_LINEARS
+           or p.split(".")[-2:-1] not in [[parent] for parent in LORA_PARENTS]]
     if bad:
         raise ConvertError(f"{where}: LoRA on {', '.join(bad[:4])}: mlx_t5.lora adapts only the attention "
-                           f"(q, k, v, o) and FFN (wi, wi_0, wi_1, wo) layers")
+                           f"({', '.join(LORA_ATTENTION)}) and FFN ({', '.join(LORA_FFN)}) layers")
 
 
 def check_targets(modules: dict[str, tuple[int, int, int]], base: PathLike, where: Path):
@@ -103,19 +102,6 @@ def check_targets(modules: dict[str, tuple[int, int, int]], base: PathLike, wher
              for p, (i, o, _) in sorted(modules.items()) if (i, o) != shapes[p]]
     if wrong:
         raise ConvertError(f"{where}: adapter shapes do not match {base}: {'; '.join(wrong[:4])}")
-
-
-def _targets_label(paths) -> str:
-    names = {p.rsplit(".", 1)[-1] for p in paths}
-    if names == {"q", "v"}:
-        return "qv"
-    if set(ATTENTION) <= names and "wo" in names and ("wi" in names or {"wi_0", "wi_1"} <= names):
-        return "all"
-    return ",".join(n for n in ATTENTION + FFN if n in names)
-
-
-def _path_order(path: str):
-    return [int(p) if p.isdigit() else p for p in path.split(".")]
 
 
 def mlx_to_peft(adapters_dir: PathLike, base_dir: PathLike, out_dir: PathLike) -> dict:
@@ -149,7 +135,7 @@ def mlx_to_peft(adapters_dir: PathLike, base_dir: PathLike, out_dir: PathLike) -
     check_targets(modules, base_dir, where)
 
     scale = float(params["scale"])
-    targets = sorted(modules, key=_path_order)
+    targets = sorted(modules, key=path_order)
     peft_config = LoraConfig(r=rank, lora_alpha=scale * rank, lora_dropout=float(params.get("dropout", 0.0)),
                              target_modules=targets, task_type="SEQ_2_SEQ_LM", bias="none",
                              base_model_name_or_path=str(config.get("base_model") or base_dir))
@@ -219,12 +205,12 @@ def peft_to_mlx(peft_dir: PathLike, out_dir: PathLike, base_dir: Optional[PathLi
     check_adaptable(modules, where)
     if base_dir is not None:
         check_targets(modules, base_dir, where)
-    targets = sorted(modules, key=_path_order)
+    targets = sorted(modules, key=path_order)
     mlx_config = {
         "fine_tune_type": "lora",
         "base_model": config.get("base_model_name_or_path"),
         "lora_parameters": {"rank": rank, "alpha": scale * rank, "scale": scale,
-                            "dropout": float(config.get("lora_dropout", 0.0)), "targets": _targets_label(targets)},
+                            "dropout": float(config.get("lora_dropout", 0.0)), "targets": lora_targets_label(targets)},
         "target_modules": targets,
     }
     mx_dtype = {"bfloat16": mx.bfloat16, "float16": mx.float16}.get(dtype, mx.float32)

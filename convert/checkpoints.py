@@ -4,22 +4,19 @@ checking every tensor against config.json, optionally casting / quantizing / deq
 A float checkpoint goes HF -> MLX -> HF bit-exactly: tensors are never round-tripped through another dtype.
 """
 
-import json
 import shutil
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Optional, Union
 
-import mlx.core as mx
-import mlx.nn as nn
-from mlx.utils import tree_flatten
-
 import mlx_t5
 from mlx_t5.quantize import dequantize_model, quantize_model
-from reformulation.io import read_json_object
+from mlx_t5.utils import DTYPES, load_config, load_model
+from mlx_t5.utils import model_args as mlx_model_args
+from reformulation.constants import GROUP_SIZE
 
 from .errors import ConvertError
 
-DTYPES = {"float32": mx.float32, "bfloat16": mx.bfloat16}
 # Copied verbatim next to the weights: no tokenizer-library round trip can change them.
 SIDE_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "spiece.model",
               "added_tokens.json", "generation_config.json")
@@ -27,108 +24,36 @@ SIDE_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.jso
 PathLike = Union[str, Path]
 
 
-def read_config(folder: PathLike) -> dict:
+@contextmanager
+def _convert_errors():
+    """mlx_t5's LoadError (naming the file and what is wrong) as a ConvertError."""
+    try:
+        yield
+    except mlx_t5.LoadError as err:
+        raise ConvertError(str(err)) from None
+
+
+def _folder(folder: PathLike) -> Path:
     folder = Path(folder)
     if not folder.is_dir():
         raise ConvertError(f"{folder}: no such folder")
-    path = folder / "config.json"
-    config = read_json_object(path, "a model folder", ConvertError)
-    if config.get("model_type", "t5") not in ("t5", "mt5"):
-        raise ConvertError(f"{path}: model_type {config['model_type']!r} is not a T5 model")
-    return config
+    return folder
 
 
-def _load_safetensors(path: Path) -> dict[str, mx.array]:
-    try:
-        return mx.load(str(path))
-    except Exception as e:  # mlx raises RuntimeError/ValueError on truncated or foreign files
-        raise ConvertError(f"{path}: not a readable safetensors file ({e})") from None
-
-
-def _load_torch_bin(path: Path) -> dict[str, mx.array]:
-    import torch
-
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise ConvertError(f"{path}: not a readable PyTorch checkpoint ({e})") from None
-    dtypes = {torch.bfloat16: mx.bfloat16, torch.float16: mx.float16}
-    # numpy has no bfloat16: go through float32 (exact for bf16 / fp16) and cast back
-    return {k: mx.array(v.float().numpy()).astype(dtypes.get(v.dtype, mx.float32)) for k, v in state.items()}
-
-
-def _shards(folder: Path, index_name: str) -> Optional[list[Path]]:
-    index = folder / index_name
-    if not index.is_file():
-        return None
-    try:
-        names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-    except (json.JSONDecodeError, KeyError, AttributeError) as e:
-        raise ConvertError(f"{index}: not a weight index ({type(e).__name__}: {e})") from None
-    missing = [n for n in names if not (folder / n).is_file()]
-    if missing:
-        raise ConvertError(f"{index}: shard files missing: {', '.join(missing)}")
-    return [folder / n for n in names]
-
-
-def read_weights(folder: PathLike) -> dict[str, mx.array]:
-    """Every tensor of a checkpoint folder: model.safetensors, sharded safetensors, or pytorch_model.bin."""
-    folder = Path(folder)
-    files = _shards(folder, "model.safetensors.index.json") or sorted(folder.glob("model*.safetensors"))
-    loader = _load_safetensors
-    if not files:
-        files = _shards(folder, "pytorch_model.bin.index.json") or sorted(folder.glob("pytorch_model*.bin"))
-        loader = _load_torch_bin
-    if not files:
-        raise ConvertError(f"{folder}: no model.safetensors, sharded safetensors or pytorch_model.bin")
-    weights = {}
-    for f in files:
-        weights.update(loader(f))
-    return weights
-
-
-def check_weights(model: nn.Module, weights: dict[str, mx.array], where: str):
-    """mlx_t5's one-message check of unknown, missing and wrongly shaped tensors, as a ConvertError."""
-    try:
-        mlx_t5.check_weights(model, weights)
-    except mlx_t5.LoadError as err:
-        raise ConvertError(f"{where}: {err}") from None
+def read_config(folder: PathLike) -> dict:
+    with _convert_errors():
+        return load_config(_folder(folder))
 
 
 def model_args(folder: PathLike) -> mlx_t5.ModelArgs:
-    folder = Path(folder)
-    try:
-        return mlx_t5.ModelArgs.from_dict(read_config(folder))
-    except (TypeError, ValueError) as e:
-        raise ConvertError(f"{folder / 'config.json'}: {e}") from None
+    with _convert_errors():
+        return mlx_model_args(_folder(folder))
 
 
 def load_checkpoint(folder: PathLike) -> mlx_t5.Model:
     """An mlx_t5 Model from an HF or MLX checkpoint folder (quantized ones stay quantized); no tokenizer needed."""
-    folder = Path(folder)
-    args = model_args(folder)
-    model = mlx_t5.Model(args)
-    raw = read_weights(folder)
-    head = raw.get("lm_head.weight")
-    if args.tie_word_embeddings and head is not None and "shared.weight" in raw and \
-            not (head.shape == raw["shared.weight"].shape and mx.array_equal(head, raw["shared.weight"]).item()):
-        # sanitize would drop it: refuse rather than silently swap the head for the embedding
-        raise ConvertError(f"{folder / 'config.json'}: tie_word_embeddings is true but the checkpoint has its own "
-                           f"lm_head.weight; set \"tie_word_embeddings\": false")
-    weights = model.sanitize(raw)
-    if args.quantization:
-        q = args.quantization
-        if not isinstance(q, dict) or not {"group_size", "bits"} <= set(q):
-            raise ConvertError(f"{folder / 'config.json'}: quantization must be {{'group_size', 'bits'}}, got {q!r}")
-        try:
-            nn.quantize(model, group_size=q["group_size"], bits=q["bits"],
-                        class_predicate=lambda path, _: f"{path}.scales" in weights)
-        except ValueError as e:  # e.g. .scales on a layer whose width does not split into groups
-            raise ConvertError(f"{folder}: quantized tensors do not fit {q}: {e}") from None
-    check_weights(model, weights, str(folder))
-    model.load_weights(list(weights.items()))
-    mx.eval(model.parameters())
-    return model.eval()
+    with _convert_errors():
+        return load_model(_folder(folder))
 
 
 class SideFiles:
@@ -152,7 +77,7 @@ def save_checkpoint(model: mlx_t5.Model, out_dir: PathLike, source: PathLike) ->
 
 
 def hf_to_mlx(hf_dir: PathLike, out_dir: PathLike, dtype: Optional[str] = None, bits: Optional[int] = None,
-              group_size: int = 64) -> mlx_t5.Model:
+              group_size: int = GROUP_SIZE) -> mlx_t5.Model:
     """HF checkpoint (safetensors or pytorch_model.bin) -> MLX checkpoint folder; returns the written model.
 
     Args:

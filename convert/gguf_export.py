@@ -10,7 +10,6 @@ own converter. Two llama.cpp facts shape what we write:
   other configs are refused rather than exported into a file that computes something else.
 """
 
-import json
 import os
 import tempfile
 from pathlib import Path
@@ -21,6 +20,8 @@ import numpy as np
 from mlx.utils import tree_flatten
 
 from mlx_t5.quantize import dequantize_model
+from reformulation.constants import decoder_output_scale
+from reformulation.io import read_json_object
 
 from .checkpoints import load_checkpoint, read_config
 from .errors import ConvertError
@@ -78,10 +79,7 @@ def _tokenizer_json_vocab(path: Path) -> dict:
     """The same fields from a `tokenizers` Unigram tokenizer.json (what transformers 5 saves: no spiece.model)."""
     import base64
 
-    try:
-        data = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise ConvertError(f"{path}: invalid JSON ({e})") from None
+    data = read_json_object(path, "a tokenizer folder", ConvertError)
     model = data.get("model") or {}
     if model.get("type") != "Unigram":
         raise ConvertError(f"{path}: tokenizer model {model.get('type')!r} is not Unigram (T5's SentencePiece)")
@@ -128,8 +126,8 @@ def _added_tokens(folder: Path) -> dict[int, str]:
         path = folder / name
         if path.is_file():
             try:
-                return read(json.loads(path.read_text()))
-            except (json.JSONDecodeError, KeyError, TypeError, ValueError, AttributeError) as e:
+                return read(read_json_object(path, "a tokenizer folder", ConvertError))
+            except (KeyError, TypeError, ValueError, AttributeError) as e:
                 raise ConvertError(f"{path}: cannot read its added tokens ({type(e).__name__}: {e})") from None
     return {}
 
@@ -178,8 +176,9 @@ def gguf_tensors(model, gguf) -> list[tuple[str, np.ndarray]]:
     """(gguf name, float32 array) for every tensor llama.cpp reads, in checkpoint order."""
     args = model.args
     weights = {k: np.array(v.astype(mx.float32)) for k, v in tree_flatten(model.parameters())}
-    if args.tie_word_embeddings:
-        weights["lm_head.weight"] = weights["shared.weight"] * np.float32(args.d_model ** -0.5)
+    scale = decoder_output_scale(args)
+    if scale is not None:
+        weights["lm_head.weight"] = weights["shared.weight"] * np.float32(scale)
     names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.T5, max(args.num_layers, args.num_decoder_layers))
     out, unmapped = [], []
     for key, value in weights.items():

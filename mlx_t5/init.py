@@ -1,24 +1,18 @@
 """Random initialisation of a T5 model: the Flan-T5 shapes, T5's init scheme (transformers' `_init_weights`)."""
 
 import dataclasses
-import json
 from pathlib import Path
 from typing import Optional, Union
 
 import mlx.core as mx
 from mlx.utils import tree_flatten, tree_unflatten
 
+from reformulation.constants import FLAN_T5_SHAPES
+from reformulation.io import read_json_object
+
 from .model import Model, ModelArgs
 
-# Flan-T5 (T5 v1.1) architecture; the sizes differ only in width and depth.
-_FLAN = dict(vocab_size=32128, feed_forward_proj="gated-gelu", tie_word_embeddings=False, dropout_rate=0.1,
-             layer_norm_epsilon=1e-6, relative_attention_num_buckets=32, relative_attention_max_distance=128,
-             pad_token_id=0, eos_token_id=1, decoder_start_token_id=0)
-SHAPES = {
-    "small": dict(_FLAN, d_model=512, d_kv=64, d_ff=1024, num_layers=8, num_decoder_layers=8, num_heads=6),
-    "base": dict(_FLAN, d_model=768, d_kv=64, d_ff=2048, num_layers=12, num_decoder_layers=12, num_heads=12),
-    "large": dict(_FLAN, d_model=1024, d_kv=64, d_ff=2816, num_layers=24, num_decoder_layers=24, num_heads=16),
-}
+SHAPES = FLAN_T5_SHAPES  # "small" | "base" | "large"
 
 
 def model_args(shape: Union[str, Path, dict]) -> ModelArgs:
@@ -27,18 +21,9 @@ def model_args(shape: Union[str, Path, dict]) -> ModelArgs:
         return ModelArgs.from_dict(shape)
     if str(shape) in SHAPES:
         return ModelArgs.from_dict(SHAPES[str(shape)])
-    path = Path(shape)
-    if path.suffix != ".json":
+    if Path(shape).suffix != ".json":
         raise ValueError(f"init shape must be one of {', '.join(SHAPES)} or a config.json path, got {shape!r}")
-    try:
-        config = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise ValueError(f"init config not found: {path}") from None
-    except json.JSONDecodeError as err:
-        raise ValueError(f"{path}: invalid JSON ({err})") from None
-    if not isinstance(config, dict):
-        raise ValueError(f"{path}: expected a JSON object of T5 config keys")
-    return ModelArgs.from_dict(config)
+    return ModelArgs.from_dict(read_json_object(shape, "an init config folder"))
 
 
 def _std(name: str, args: ModelArgs, factor: float) -> float:

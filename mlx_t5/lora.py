@@ -17,13 +17,12 @@ import mlx.nn as nn
 from mlx.utils import tree_flatten
 from mlx_lm.tuner.lora import LoRALinear
 
+from reformulation.constants import LORA_PARENTS, lora_targets_label, parse_lora_targets
 from reformulation.io import atomic_dir, read_json_object
 
+from .model import Dropout
 from .utils import LoadError
 
-ATTENTION = ("q", "k", "v", "o")
-FFN = ("wi", "wi_0", "wi_1", "wo")
-TARGETS = {"qv": ("q", "v"), "all": ATTENTION + FFN}
 ADAPTER_FILE = "adapters.safetensors"
 CONFIG_FILE = "adapter_config.json"
 
@@ -37,27 +36,14 @@ def _linear_paths(model: nn.Module, names: Sequence[str]) -> list[str]:
         if not isinstance(module, (nn.Linear, nn.QuantizedLinear)):
             continue
         parts = path.split(".")
-        in_block = len(parts) > 2 and parts[-2] in ("SelfAttention", "EncDecAttention", "DenseReluDense")
+        in_block = len(parts) > 2 and parts[-2] in LORA_PARENTS
         if in_block and (parts[-1] in wanted or path in wanted):
             paths.append(path)
-    return sorted(paths, key=_path_order)
+    return sorted(paths, key=path_order)
 
 
-def _path_order(path: str):
+def path_order(path: str):
     return [int(p) if p.isdigit() else p for p in path.split(".")]
-
-
-def _resolve_targets(targets: Union[str, Sequence[str]]) -> tuple[str, ...]:
-    if isinstance(targets, str):
-        if targets in TARGETS:
-            return TARGETS[targets]
-        targets = [t.strip() for t in targets.split(",") if t.strip()]
-    targets = tuple(targets)
-    bad = [t for t in targets if "." not in t and t not in ATTENTION + FFN]
-    if not targets or bad:
-        raise ValueError(f"LoRA targets must be 'qv', 'all' or names from {', '.join(ATTENTION + FFN)} "
-                         f"(or full module paths); got {targets!r}")
-    return targets
 
 
 def _get(model: nn.Module, path: str):
@@ -88,18 +74,20 @@ def apply_lora(model: nn.Module, rank: int = 8, alpha: float = 16.0, dropout: fl
     """
     if rank < 1:
         raise ValueError(f"LoRA rank must be >= 1, got {rank}")
-    paths = _linear_paths(model, _resolve_targets(targets))
+    paths = _linear_paths(model, parse_lora_targets(targets, "LoRA targets", paths=True))
     if not paths:
         raise ValueError(f"no Linear layer of the model matches LoRA targets {targets!r}")
     model.freeze()
     for path in paths:
-        _set(model, path, LoRALinear.from_base(_get(model, path), r=rank, dropout=dropout, scale=alpha / rank))
+        layer = LoRALinear.from_base(_get(model, path), r=rank, dropout=dropout, scale=alpha / rank)
+        layer.dropout = Dropout(dropout)  # the same dropout, its rate readable for adapter_config.json
+        _set(model, path, layer)
     return paths
 
 
 def lora_modules(model: nn.Module) -> list[str]:
     """Paths of the LoRALinear modules in `model`."""
-    return sorted((p for p, m in model.named_modules() if isinstance(m, LoRALinear)), key=_path_order)
+    return sorted((p for p, m in model.named_modules() if isinstance(m, LoRALinear)), key=path_order)
 
 
 def adapter_weights(model: nn.Module) -> dict[str, mx.array]:
@@ -113,19 +101,11 @@ def adapter_config(model: nn.Module, meta: Optional[dict] = None) -> dict:
         raise ValueError("the model has no LoRA layers (call apply_lora first)")
     first = _get(model, paths[0])
     rank = first.lora_a.shape[1]
-    names = {p.rsplit(".", 1)[-1] for p in paths}
-    ffn_all = "wo" in names and ("wi" in names or {"wi_0", "wi_1"} <= names)
-    if names == {"q", "v"}:
-        targets = "qv"
-    elif set(ATTENTION) <= names and ffn_all:
-        targets = "all"
-    else:
-        targets = ",".join(n for n in ATTENTION + FFN if n in names)
     config = {
         "fine_tune_type": "lora",
         "base_model": None,
         "lora_parameters": {"rank": rank, "alpha": float(first.scale * rank), "scale": float(first.scale),
-                            "dropout": float(1 - first.dropout._p_1), "targets": targets},
+                            "dropout": float(first.dropout.p), "targets": lora_targets_label(paths)},
         "target_modules": paths,
     }
     for key, value in (meta or {}).items():

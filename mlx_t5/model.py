@@ -11,6 +11,8 @@ from typing import Any, Optional
 import mlx.core as mx
 import mlx.nn as nn
 
+from reformulation.constants import decoder_output_scale
+
 NEG_INF = -1e9  # additive mask value: finite so a fully masked row gives a uniform softmax, not NaN
 
 
@@ -147,6 +149,15 @@ class Linear(nn.Linear):
         return linear(x, self.weight)
 
 
+class Dropout(nn.Dropout):
+    """nn.Dropout with its rate readable (MLX keeps only a private 1 - p): for attention's fused path, the
+    trainer's keyed dropout and adapter_config.json."""
+
+    def __init__(self, p: float = 0.5):
+        super().__init__(p)
+        self.p = p
+
+
 class Attention(nn.Module):
     def __init__(self, args: ModelArgs, has_relative_bias: bool):
         super().__init__()
@@ -158,7 +169,7 @@ class Attention(nn.Module):
         self.o = Linear(inner, args.d_model, bias=False)
         if has_relative_bias:
             self.relative_attention_bias = nn.Embedding(args.relative_attention_num_buckets, args.num_heads)
-        self.dropout = nn.Dropout(args.dropout_rate)
+        self.dropout = Dropout(args.dropout_rate)
 
     def _heads(self, x: mx.array) -> mx.array:
         B, L, _ = x.shape
@@ -181,7 +192,7 @@ class Attention(nn.Module):
                 cache.cross = (k, v)
 
         bias = None if bias is None else bias.astype(q.dtype)
-        if self.training and self.dropout._p_1 < 1:  # nn.Dropout keeps 1 - p
+        if self.training and self.dropout.p > 0:
             # dropout on the attention probabilities needs the unfused path. T5 has no 1/sqrt(d) scaling.
             scores = (q @ k.transpose(0, 1, 3, 2)).astype(mx.float32)
             scores = scores if bias is None else scores + bias
@@ -203,7 +214,7 @@ class DenseReluDense(nn.Module):
         self.wo = Linear(args.d_ff, args.d_model, bias=False)
         self.act = ACTIVATIONS[args.activation]
         self.gated = args.is_gated
-        self.dropout = nn.Dropout(args.dropout_rate)
+        self.dropout = Dropout(args.dropout_rate)
 
     def __call__(self, x: mx.array) -> mx.array:
         h = self.act(self.wi_0(x)) * self.wi_1(x) if self.gated else self.act(self.wi(x))
@@ -215,7 +226,7 @@ class SelfAttentionLayer(nn.Module):
         super().__init__()
         self.SelfAttention = Attention(args, has_relative_bias)
         self.layer_norm = nn.RMSNorm(args.d_model, eps=args.layer_norm_epsilon)
-        self.dropout = nn.Dropout(args.dropout_rate)
+        self.dropout = Dropout(args.dropout_rate)
 
     def __call__(self, x, bias, cache=None):
         return x + self.dropout(self.SelfAttention(self.layer_norm(x), None, bias, cache))
@@ -226,7 +237,7 @@ class CrossAttentionLayer(nn.Module):
         super().__init__()
         self.EncDecAttention = Attention(args, has_relative_bias=False)
         self.layer_norm = nn.RMSNorm(args.d_model, eps=args.layer_norm_epsilon)
-        self.dropout = nn.Dropout(args.dropout_rate)
+        self.dropout = Dropout(args.dropout_rate)
 
     def __call__(self, x, memory, bias, cache=None):
         return x + self.dropout(self.EncDecAttention(self.layer_norm(x), memory, bias, cache))
@@ -237,7 +248,7 @@ class FeedForwardLayer(nn.Module):
         super().__init__()
         self.DenseReluDense = DenseReluDense(args)
         self.layer_norm = nn.RMSNorm(args.d_model, eps=args.layer_norm_epsilon)
-        self.dropout = nn.Dropout(args.dropout_rate)
+        self.dropout = Dropout(args.dropout_rate)
 
     def __call__(self, x):
         return x + self.dropout(self.DenseReluDense(self.layer_norm(x)))
@@ -270,7 +281,7 @@ class Stack(nn.Module):
         self.max_distance = args.relative_attention_max_distance
         self.block = [Block(args, is_decoder, has_relative_bias=i == 0) for i in range(n)]
         self.final_layer_norm = nn.RMSNorm(args.d_model, eps=args.layer_norm_epsilon)
-        self.dropout = nn.Dropout(args.dropout_rate)
+        self.dropout = Dropout(args.dropout_rate)
 
     def position_bias(self, query_length: int, key_length: int, offset: int = 0) -> mx.array:
         """(1, heads, query_length, key_length); decoder queries start at `offset` (the cached length)."""
@@ -340,9 +351,10 @@ class Model(nn.Module):
                cache: Optional[list[KVCache]] = None) -> mx.array:
         """Logits for decoder_input_ids given the encoder output; with a cache, feed only the new tokens."""
         h = self.decoder(self.shared(decoder_input_ids), memory=memory, memory_mask=memory_mask, cache=cache)
-        if self.args.tie_word_embeddings:
+        scale = decoder_output_scale(self.args)
+        if scale is not None:
             # v1.0 rescales before the tied head; as_linear keeps working once the embedding is quantized.
-            h = h * self.args.d_model ** -0.5
+            h = h * scale
             if isinstance(self.shared, nn.QuantizedEmbedding):
                 return self.shared.as_linear(h)
             return linear(h, self.shared.weight)
@@ -365,11 +377,50 @@ class Model(nn.Module):
         return {k: v for k, v in weights.items() if k not in drop}
 
 
+def _cross_entropy(logits: mx.array, targets: mx.array):
+    """Per-token cross-entropy, and the exponentials and their sum (the softmax's parts)."""
+    shift = mx.stop_gradient(logits.max(axis=-1, keepdims=True))
+    exp = mx.exp(logits - shift)
+    total = exp.sum(axis=-1, keepdims=True)
+    picked = mx.take_along_axis(logits, targets[..., None], axis=-1)
+    return (shift + mx.log(total) - picked).squeeze(-1), exp, total
+
+
+@mx.custom_function
+def token_cross_entropy(logits: mx.array, targets: mx.array):
+    """Per-token cross-entropy, and the softmax it computed (kept for the backward pass).
+
+    The vjp reuses the forward's probabilities instead of exponentiating the (tokens x 32k vocabulary)
+    logits a second time: exp is the costliest op of a T5 step on CPUs where MLX has no vectorised exp."""
+    losses, exp, total = _cross_entropy(logits, targets)
+    return losses, exp / total
+
+
+@token_cross_entropy.vjp
+def _token_cross_entropy_vjp(primals, cotangents, outputs):
+    logits, targets = primals
+    onehot = mx.arange(logits.shape[-1]) == targets[..., None]
+    return cotangents[0][..., None] * (outputs[1] - onehot), mx.zeros_like(targets)
+
+
+def token_loss(logits: mx.array, labels: mx.array, keep_softmax: bool = True) -> tuple[mx.array, mx.array]:
+    """(sum of the float32 token cross-entropies over labels != -100, their count): padding never counts.
+
+    keep_softmax: through token_cross_entropy (the training step's fast backward); False computes the same
+    arithmetic without keeping a tokens x vocabulary softmax alive (evaluation; autodiff still works)."""
+    valid = labels != -100
+    logits, targets = logits.astype(mx.float32), mx.where(valid, labels, 0)
+    losses = (token_cross_entropy if keep_softmax else _cross_entropy)(logits, targets)[0]
+    return (losses * valid).sum(), valid.sum()
+
+
+def summed_token_loss(model: Model, input_ids: mx.array, attention_mask: mx.array, decoder_input_ids: mx.array,
+                      labels: mx.array) -> tuple[mx.array, mx.array]:
+    return token_loss(model(input_ids, decoder_input_ids, attention_mask), labels)
+
+
 def loss_fn(model: Model, input_ids: mx.array, attention_mask: mx.array, decoder_input_ids: mx.array,
             labels: mx.array) -> tuple[mx.array, mx.array]:
     """Mean token cross-entropy over labels != -100 (padding never counts), and the token count."""
-    logits = model(input_ids, decoder_input_ids, attention_mask).astype(mx.float32)
-    valid = labels != -100
-    losses = nn.losses.cross_entropy(logits, mx.where(valid, labels, 0), reduction="none")
-    ntoks = valid.sum()
-    return (losses * valid).sum() / mx.maximum(ntoks, 1), ntoks
+    total, ntoks = token_loss(model(input_ids, decoder_input_ids, attention_mask), labels, keep_softmax=False)
+    return total / mx.maximum(ntoks, 1), ntoks

@@ -16,6 +16,8 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
 
+from reformulation.constants import GROUP_SIZE
+
 from .model import Model
 
 BITS = (2, 3, 4, 5, 6, 8)
@@ -35,7 +37,7 @@ def _quantizable(group_size: int):
     return predicate
 
 
-def quantize_model(model: Model, bits: int = 8, group_size: int = 64) -> Model:
+def quantize_model(model: Model, bits: int = 8, group_size: int = GROUP_SIZE) -> Model:
     """Quantize `model` in place (and return it); `model.args.quantization` records the settings.
 
     Args:

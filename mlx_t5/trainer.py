@@ -27,8 +27,9 @@ import numpy as np
 from mlx.utils import tree_flatten, tree_map, tree_map_with_path
 
 from reformulation.config import TrainConfig
+from reformulation.constants import GROUP_SIZE
 from reformulation.data import DuplicateRowsWarning, Splits, load_examples, make_splits, shift_right, tokenize
-from reformulation.io import atomic_dir, atomic_write_json, atomic_write_text
+from reformulation.io import atomic_dir, atomic_write_json, atomic_write_text, read_json_object
 from reformulation.metrics import score
 from reformulation.reporting import MetricsLog, examples_table, plot_curves, read_metrics, summary_table
 from reformulation.recipe import task_tokenizer, training_examples
@@ -38,7 +39,7 @@ from .generation import generate
 from .init import init_model
 from .lora import CONFIG_FILE as ADAPTER_CONFIG, adapter_config, adapter_weights, apply_lora, fuse_lora
 from .lora import ADAPTER_FILE, load_adapters
-from .model import Block, Model, loss_fn
+from .model import Block, Dropout, Model, loss_fn, summed_token_loss
 from .quantize import quantize_model
 from .utils import DTYPES, load, load_tokenizer, model_config, save
 
@@ -174,7 +175,7 @@ def set_dropout(model: nn.Module, p: float):
     for _, module in model.named_modules():
         for name, child in module.children().items():
             if isinstance(child, nn.Dropout):
-                module[name] = nn.Dropout(p)
+                module[name] = Dropout(p)
 
 
 class _KeyBox:
@@ -186,6 +187,7 @@ class KeyedDropout(nn.Module):
 
     def __init__(self, p: float, box: _KeyBox):
         super().__init__()
+        self.p = p  # read like model.Dropout's (attention's unfused path)
         self._p_1 = 1 - p
         self._box = box
 
@@ -231,7 +233,7 @@ def enable_gradient_checkpointing(model: Model):
             for _, module in block.named_modules():
                 for name, child in module.children().items():
                     if isinstance(child, nn.Dropout):
-                        module[name] = KeyedDropout(1 - child._p_1, block._box)
+                        module[name] = KeyedDropout(child.p, block._box)
 
 
 def build_model(cfg: TrainConfig, console=None, tokenizer=None):
@@ -260,7 +262,7 @@ def build_model(cfg: TrainConfig, console=None, tokenizer=None):
 def prepare_lora(model: Model, cfg: TrainConfig) -> list[str]:
     """QLoRA: quantize the frozen base first; then wrap the target layers (seeded adapter init)."""
     if cfg.quantize_base:
-        quantize_model(model, bits=cfg.quantize_base, group_size=64)
+        quantize_model(model, bits=cfg.quantize_base, group_size=GROUP_SIZE)
     mx.random.seed(cfg.seed)
     return apply_lora(model, rank=cfg.lora_rank, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout,
                       targets=list(cfg.lora_modules()))
@@ -276,35 +278,6 @@ def cast_frozen(model: nn.Module, dtype: mx.Dtype):
 
 
 # -- the compiled step ---------------------------------------------------------------------------------
-
-@mx.custom_function
-def token_cross_entropy(logits: mx.array, targets: mx.array):
-    """Per-token cross-entropy, and the softmax it computed (kept for the backward pass).
-
-    Same values as nn.losses.cross_entropy; the vjp reuses the forward's probabilities instead of
-    exponentiating the (tokens x 32k vocabulary) logits a second time: exp is the costliest op of a T5
-    step on CPUs where MLX has no vectorised exp."""
-    shift = mx.stop_gradient(logits.max(axis=-1, keepdims=True))
-    exp = mx.exp(logits - shift)
-    total = exp.sum(axis=-1, keepdims=True)
-    picked = mx.take_along_axis(logits, targets[..., None], axis=-1)
-    return (shift + mx.log(total) - picked).squeeze(-1), exp / total
-
-
-@token_cross_entropy.vjp
-def _token_cross_entropy_vjp(primals, cotangents, outputs):
-    logits, targets = primals
-    onehot = mx.arange(logits.shape[-1]) == targets[..., None]
-    return cotangents[0][..., None] * (outputs[1] - onehot), mx.zeros_like(targets)
-
-
-def summed_token_loss(model: Model, input_ids, attention_mask, decoder_input_ids, labels):
-    """(sum of token cross-entropies over labels != -100, their count): `loss_fn` without the mean."""
-    logits = model(input_ids, decoder_input_ids, attention_mask).astype(mx.float32)
-    valid = labels != -100
-    losses, _ = token_cross_entropy(logits, mx.where(valid, labels, 0))
-    return (losses * valid).sum(), valid.sum()
-
 
 def global_norm(tree) -> mx.array:
     """L2 norm over every array of `tree`, each sum of squares as a BLAS dot product (MLX's CPU
@@ -443,7 +416,7 @@ def adapter_meta(cfg: TrainConfig, base: Optional[str]) -> dict:
     """adapter_config.json extras: the base and, for QLoRA, how to quantize it before loading the adapters."""
     meta = {"base_model": base, "lora_parameters": {"targets": cfg.lora_targets}}
     if cfg.quantize_base:
-        meta["base_quantization"] = {"bits": cfg.quantize_base, "group_size": 64}
+        meta["base_quantization"] = {"bits": cfg.quantize_base, "group_size": GROUP_SIZE}
     return meta
 
 
@@ -474,14 +447,7 @@ def save_checkpoint(folder: Path, model: Model, optimizer: optim.Optimizer, stat
 
 def restore_checkpoint(folder: Path, model: Model, optimizer: optim.Optimizer, cfg: TrainConfig) -> TrainState:
     """Load weights, optimizer state, RNG and position from `folder` into the freshly built model/optimizer."""
-    import json
-
-    try:
-        saved = json.loads((folder / "trainer_state.json").read_text())
-    except FileNotFoundError:
-        raise TrainError(f"{folder}: no trainer_state.json (not a checkpoint folder)") from None
-    except json.JSONDecodeError as err:
-        raise TrainError(f"{folder / 'trainer_state.json'}: invalid JSON ({err})") from None
+    saved = read_json_object(folder / "trainer_state.json", "a checkpoint folder", TrainError)
     try:
         if cfg.lora:
             load_adapters(model, folder)
@@ -852,7 +818,7 @@ class Trainer:
         if cfg.lora and cfg.fuse:
             fused, _, _ = build_model(cfg, tokenizer=ctx["tokenizer"])  # same base, then the trained adapters
             if cfg.quantize_base:
-                quantize_model(fused, bits=cfg.quantize_base, group_size=64)
+                quantize_model(fused, bits=cfg.quantize_base, group_size=GROUP_SIZE)
             load_adapters(fused, self.out / FINAL_DIR)
             save(fuse_lora(fused, dequantize=True), ctx["tokenizer"], self.out / "fused")
         summary = {

@@ -8,7 +8,8 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
 
-from reformulation.io import atomic_dir
+from reformulation.constants import decoder_output_scale
+from reformulation.io import atomic_dir, read_json_object
 
 from .model import Model, ModelArgs
 
@@ -38,43 +39,69 @@ def get_model_path(path_or_hub_id: Union[str, Path]) -> Path:
 
 
 def load_config(model_path: Path) -> dict:
-    config_file = model_path / "config.json"
-    if not config_file.is_file():
-        raise LoadError(f"{model_path}: no config.json")
+    """config.json of a T5 checkpoint folder."""
+    path = Path(model_path) / "config.json"
+    config = read_json_object(path, "a model folder", LoadError)
+    if config.get("model_type", "t5") not in ("t5", "mt5"):
+        raise LoadError(f"{path}: model_type {config['model_type']!r} is not a T5 model")
+    return config
+
+
+def model_args(model_path: Path) -> ModelArgs:
     try:
-        return json.loads(config_file.read_text())
-    except json.JSONDecodeError as err:
-        raise LoadError(f"{config_file}: invalid JSON ({err})") from None
+        return ModelArgs.from_dict(load_config(model_path))
+    except (TypeError, ValueError) as err:
+        raise LoadError(f"{Path(model_path) / 'config.json'}: {err}") from None
+
+
+def _load_safetensors(path: Path) -> dict[str, mx.array]:
+    try:
+        return mx.load(str(path))
+    except Exception as err:  # mlx raises RuntimeError/ValueError on truncated or foreign files
+        raise LoadError(f"{path}: not a readable safetensors file ({err})") from None
+
+
+def _load_torch_bin(path: Path) -> dict[str, mx.array]:
+    import torch  # only this legacy format needs torch
+
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:
+        raise LoadError(f"{path}: not a readable PyTorch checkpoint ({err})") from None
+    dtypes = {torch.bfloat16: mx.bfloat16, torch.float16: mx.float16}
+    # numpy has no bfloat16: go through float32 (exact for bf16 / fp16) and cast back
+    return {k: mx.array(v.float().numpy()).astype(dtypes.get(v.dtype, mx.float32)) for k, v in state.items()}
+
+
+def _shards(folder: Path, index_name: str) -> Optional[list[Path]]:
+    index = folder / index_name
+    if not index.is_file():
+        return None
+    try:
+        names = sorted(set(read_json_object(index, "a sharded checkpoint", LoadError)["weight_map"].values()))
+    except (KeyError, AttributeError) as err:
+        raise LoadError(f"{index}: not a weight index ({type(err).__name__}: {err})") from None
+    missing = [n for n in names if not (folder / n).is_file()]
+    if missing:
+        raise LoadError(f"{index}: shard files missing: {', '.join(missing)}")
+    return [folder / n for n in names]
 
 
 def load_weights_file(model_path: Path) -> dict[str, mx.array]:
-    """model.safetensors, sharded safetensors (with or without index), or pytorch_model.bin (weights_only)."""
-    index = model_path / "model.safetensors.index.json"
-    if index.is_file():
-        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        files = [model_path / s for s in shards]
-    else:
-        files = sorted(model_path.glob("model*.safetensors"))
-    missing = [f for f in files if not f.is_file()]
-    if missing:
-        raise LoadError(f"{model_path}: missing weight shards {[f.name for f in missing]}")
-    if files:
-        weights = {}
-        for f in files:
-            weights.update(mx.load(str(f)))
-        return weights
-    bin_file = model_path / "pytorch_model.bin"
-    if bin_file.is_file():
-        import torch  # only this legacy format needs torch
-
-        state = torch.load(bin_file, map_location="cpu", weights_only=True)
-        # via fp32: numpy has no bfloat16; the requested dtype is applied after loading
-        return {k: mx.array(v.float().numpy()).astype(_mx_dtype(v.dtype)) for k, v in state.items()}
-    raise LoadError(f"{model_path}: no model.safetensors, sharded safetensors or pytorch_model.bin")
-
-
-def _mx_dtype(torch_dtype) -> mx.Dtype:
-    return {"torch.bfloat16": mx.bfloat16, "torch.float16": mx.float16}.get(str(torch_dtype), mx.float32)
+    """Every tensor of a checkpoint folder: model.safetensors, sharded safetensors, or pytorch_model.bin
+    (also sharded; read with weights_only)."""
+    folder = Path(model_path)
+    files = _shards(folder, "model.safetensors.index.json") or sorted(folder.glob("model*.safetensors"))
+    loader = _load_safetensors
+    if not files:
+        files = _shards(folder, "pytorch_model.bin.index.json") or sorted(folder.glob("pytorch_model*.bin"))
+        loader = _load_torch_bin
+    if not files:
+        raise LoadError(f"{folder}: no model.safetensors, sharded safetensors or pytorch_model.bin")
+    weights = {}
+    for f in files:
+        weights.update(loader(f))
+    return weights
 
 
 def check_weights(model: nn.Module, weights: dict[str, mx.array]):
@@ -96,17 +123,31 @@ def check_weights(model: nn.Module, weights: dict[str, mx.array]):
 
 
 def load_model(model_path: Path, dtype: Optional[str] = None) -> Model:
-    config = load_config(model_path)
-    try:
-        args = ModelArgs.from_dict(config)
-    except (TypeError, ValueError) as err:
-        raise LoadError(f"{model_path / 'config.json'}: {err}") from None
+    """The model of an HF-layout folder (quantized ones stay quantized), every tensor checked against config.json."""
+    args = model_args(model_path)
     model = Model(args)
-    weights = model.sanitize(load_weights_file(model_path))
-    if args.quantization:  # re-apply exactly where the checkpoint has quantized tensors
-        nn.quantize(model, group_size=args.quantization["group_size"], bits=args.quantization["bits"],
-                    class_predicate=lambda p, m: f"{p}.scales" in weights)
-    check_weights(model, weights)
+    raw = load_weights_file(model_path)
+    head, shared = raw.get("lm_head.weight"), raw.get("shared.weight")
+    if args.tie_word_embeddings and head is not None and shared is not None and \
+            not (head.shape == shared.shape and mx.array_equal(head, shared).item()):
+        # sanitize would drop it: refuse rather than silently swap the head for the embedding
+        raise LoadError(f"{Path(model_path) / 'config.json'}: tie_word_embeddings is true but the checkpoint has "
+                        f"its own lm_head.weight; set \"tie_word_embeddings\": false")
+    weights = model.sanitize(raw)
+    q = args.quantization
+    if q:  # re-apply exactly where the checkpoint has quantized tensors
+        if not isinstance(q, dict) or not {"group_size", "bits"} <= set(q):
+            raise LoadError(f"{Path(model_path) / 'config.json'}: quantization must be {{'group_size', 'bits'}}, "
+                            f"got {q!r}")
+        try:
+            nn.quantize(model, group_size=q["group_size"], bits=q["bits"],
+                        class_predicate=lambda p, m: f"{p}.scales" in weights)
+        except ValueError as err:  # e.g. .scales on a layer whose width does not split into groups
+            raise LoadError(f"{model_path}: quantized tensors do not fit {q}: {err}") from None
+    try:
+        check_weights(model, weights)
+    except LoadError as err:
+        raise LoadError(f"{model_path}: {err}") from None
     model.load_weights(list(weights.items()))
     if dtype is not None:
         if dtype not in DTYPES:
@@ -146,7 +187,7 @@ def model_config(model: Model) -> dict:
     config.update({k: v for k, v in vars(args).items() if k not in ("extra", "quantization")})
     config.update(model_type="t5", architectures=["T5ForConditionalGeneration"], is_encoder_decoder=True,
                   is_gated_act=args.is_gated, dense_act_fn=args.activation,
-                  scale_decoder_outputs=args.tie_word_embeddings)  # transformers 5 reads this for the v1.0 rescale
+                  scale_decoder_outputs=decoder_output_scale(args) is not None)  # what transformers 5 reads
     if args.quantization:
         config["quantization"] = args.quantization
     return config

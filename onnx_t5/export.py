@@ -27,13 +27,15 @@ written out below with the model's own modules.
 """
 
 import json
-import shutil
 import tempfile
 import warnings
 from pathlib import Path
 from typing import Optional
 
 import numpy as np
+
+from reformulation.constants import decoder_output_scale
+from reformulation.io import atomic_dir
 
 FORMAT = "onnx-t5"
 MARKER = "onnx.json"
@@ -107,10 +109,7 @@ def _modules():
             self.embed, self.heads, self.d_kv = model.shared, config.num_heads, config.d_kv
             self.blocks = model.decoder.block
             self.final_norm, self.lm_head = model.decoder.final_layer_norm, model.lm_head
-            # T5 v1.0 (tied head) scales the decoder output by d_model ** -0.5; transformers 5 keeps the
-            # saved choice in scale_decoder_outputs (tie_word_embeddings reads True in memory regardless)
-            self.rescale = getattr(config, "scale_decoder_outputs", config.tie_word_embeddings)
-            self.d_model = config.d_model
+            self.scale = decoder_output_scale(config)  # T5 v1.0 (tied head); traced as a constant
             # q, k, v and the two gated-FFN inputs as one matmul each
             self.qkv = nn.ModuleList()
             self.wi = nn.ModuleList()
@@ -157,8 +156,8 @@ def _modules():
                     x = ff.act(x)
                 h = h + ff.wo(x)
             h = self.final_norm(h)
-            if self.rescale:
-                h = h * (self.d_model ** -0.5)
+            if self.scale is not None:
+                h = h * self.scale
             return (self.lm_head(h)[:, 0], *present)
 
     return Encoder, DecoderStep
@@ -353,13 +352,6 @@ def export(model_path, out_dir, quantize: bool = True, block_size: int = BLOCK_S
         if bars:
             hf_logging.enable_progress_bar()
     out = Path(out_dir).expanduser()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
+    with atomic_dir(out) as tmp:  # a reader sees the old folder or the new one, never neither
         export_folder(model, tmp, quantize=quantize, block_size=block_size, tokenizer=tok, source=str(model_path))
-        if out.exists():
-            shutil.rmtree(out)
-        tmp.rename(out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return out

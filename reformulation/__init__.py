@@ -15,7 +15,7 @@ _EXPORTS = {
              "format_source", "format_target", "load_examples", "make_splits", "normalize_text", "pad_batch",
              "parse_subqueries", "random_split", "read_jsonl", "shift_right", "split_by_target", "tokenize"),
     "io": ("atomic_dir", "atomic_write_bytes", "atomic_write_json", "atomic_write_text"),
-    "metrics": ("masked_token_loss", "rouge_l", "score"),
+    "metrics": ("rouge_l", "score"),
     "reporting": ("MetricsLog", "plot_curves", "read_metrics", "summary_table"),
 }
 _MODULE_OF = {name: module for module, names in _EXPORTS.items() for name in names}
@@ -68,5 +68,5 @@ if typing.TYPE_CHECKING:  # for type checkers and IDEs
         tokenize,
     )
     from .io import atomic_dir, atomic_write_bytes, atomic_write_json, atomic_write_text
-    from .metrics import masked_token_loss, rouge_l, score
+    from .metrics import rouge_l, score
     from .reporting import MetricsLog, plot_curves, read_metrics, summary_table

@@ -7,6 +7,9 @@ can be named in the YAML file or on the command line (the command line wins). Re
     parser = argparse.ArgumentParser()
     add_config_args(parser)
     cfg = config_from_args(parser.parse_args())   # validated TrainConfig
+
+Each field carries its ``--help`` text and the rule its value must meet (``setting``); flags, type
+coercion and the per-field checks are derived from the fields and their type hints.
 """
 
 import argparse
@@ -16,195 +19,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
+from .constants import FLAN_T5_SHAPES, LORA_LINEARS, parse_lora_targets
 from .io import atomic_write_text
 from .tokenizer import MIN_VOCAB
 
 
 class ConfigError(ValueError):
     """An invalid training config; the message says what to change."""
-
-
-SIZES = ("small", "base", "large")
-SPLITS = ("target", "random")
-SCHEDULES = ("linear", "cosine", "constant")
-OPTIMIZERS = ("adamw", "adafactor")
-DTYPES = ("float32", "bfloat16")
-DTYPE_ALIASES = {"fp32": "float32", "f32": "float32", "bf16": "bfloat16"}
-LORA_MODULES = ("q", "k", "v", "o", "wi", "wi_0", "wi_1", "wo")  # HF T5 Linear names
-LORA_TARGETS = {"qv": ("q", "v"), "all": LORA_MODULES}
-
-
-@dataclass
-class TrainConfig:
-    # model: exactly one of `model` (HF folder or hub id, fine-tune) or `init` (random init)
-    model: str | None = None
-    init: str | None = None  # "small" | "base" | "large" | path to a T5 config.json
-    # data
-    data: list[str] = field(default_factory=lambda: ["../shared/datasets/full.jsonl"])
-    split: Literal["target", "random"] = "target"
-    split_fractions: list[float] | None = None  # None: 0.8/0.1/0.1 (target), 0.96/0.02/0.02 (random)
-    sample_fraction: float = 1.0
-    normalize: bool = True
-    max_source_length: int = 64
-    max_target_length: int = 64
-    tokenizer_vocab_size: int = 0  # > 0: train a task tokenizer of this size on the train split (init only)
-    augment_copies: int = 0  # entity-swapped variants of each training row added to the train split
-    augment_invented: float = 0.5  # share of swapped spans that get an invented name (else another row's span)
-    # run
-    output_dir: str = "runs/latest"
-    epochs: float = 3.0
-    max_steps: int | None = None  # overrides epochs when set
-    batch_size: int = 8
-    grad_accum: int = 1
-    learning_rate: float = 3e-4
-    lr_schedule: Literal["linear", "cosine", "constant"] = "linear"
-    warmup_steps: int = 0
-    optimizer: Literal["adamw", "adafactor"] = "adamw"
-    weight_decay: float = 0.0
-    max_grad_norm: float | None = 1.0  # None: no clipping
-    dropout: float | None = None  # None: the model config's dropout_rate
-    seed: int = 42
-    dtype: Literal["float32", "bfloat16"] = "float32"
-    # evaluation and logging (steps are optimizer steps)
-    eval_every: int = 200  # 0: only at the end
-    eval_samples: int = 200  # 0: the whole validation split
-    eval_batch_size: int = 32
-    eval_num_beams: int = 1
-    eval_max_new_tokens: int = 64
-    log_every: int = 10
-    save_every: int = 0  # optimizer steps between resume checkpoints; 0: at every eval and at the end
-    max_minutes: float | None = None  # wall-clock budget: stop (checkpoint, evaluate, save) once it is spent
-    # LoRA / QLoRA
-    lora: bool = False
-    lora_rank: int = 8
-    lora_alpha: float = 16.0
-    lora_dropout: float = 0.0
-    lora_targets: str = "qv"  # "qv" | "all" | comma list of q,k,v,o,wi,wi_0,wi_1,wo
-    quantize_base: int | None = None  # 4 | 8: quantized frozen base (QLoRA)
-    fuse: bool = False  # merge the adapters into the weights when saving
-    gradient_checkpointing: bool = False
-    preset: str | None = None
-    resume: str | None = None  # a checkpoint folder to continue from, or "auto": the latest in output_dir
-
-    @classmethod
-    def from_dict(cls, values: dict, source: str = "config") -> "TrainConfig":
-        """A config from ``values`` (coerced to field types), without validation."""
-        return dataclasses.replace(cls(), **_coerce_all(values, source))
-
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
-
-    def save(self, path) -> Path:
-        """Write the config as YAML (atomically), loadable again with ``load_config``."""
-        import yaml
-
-        return atomic_write_text(path, yaml.safe_dump(self.to_dict(), sort_keys=False))
-
-    def lora_modules(self) -> tuple[str, ...]:
-        """``lora_targets`` as HF module names, e.g. ("q", "v")."""
-        return parse_lora_targets(self.lora_targets)
-
-    def validate(self) -> "TrainConfig":
-        """Raise ``ConfigError`` listing every problem; return self when there is none."""
-        problems = []
-
-        def need(ok, message):
-            if not ok:
-                problems.append(message)
-
-        if self.model and self.init:
-            problems.append("set either model (fine-tune) or init (random init), not both")
-        elif not self.model and not self.init and self.resume in (None, "auto"):
-            # a resumed checkpoint names its model; "auto" may find none and start fresh
-            problems.append("set model (an HF folder or hub id) or init (small, base, large or a config.json)")
-        if self.init and self.init not in SIZES:
-            init = Path(self.init)
-            if init.suffix != ".json":
-                problems.append(f"init must be one of {', '.join(SIZES)} or a config.json path, got {self.init!r}")
-            elif not init.is_file():
-                problems.append(f"init config not found: {self.init}")
-        if self.preset is not None and self.preset not in PRESETS:
-            problems.append(f"unknown preset {self.preset!r}; known presets: {', '.join(PRESETS)}")
-
-        if not self.data:
-            problems.append("data: no data files given")
-        for path in self.data:
-            need(Path(path).is_file(), f"data file not found: {path}")
-        need(self.split in SPLITS, f"split must be one of {', '.join(SPLITS)}, got {self.split!r}")
-        if self.split_fractions is not None:
-            f = self.split_fractions
-            if len(f) != 3 or any(not 0 <= x <= 1 for x in f) or f[0] <= 0 or abs(sum(f) - 1) > 1e-6:
-                problems.append(f"split_fractions must be three numbers train,valid,test in [0, 1] with train > 0 "
-                                f"summing to 1, got {list(f)}")
-        need(0 < self.sample_fraction <= 1, f"sample_fraction must be in (0, 1], got {self.sample_fraction}")
-        need(self.max_source_length >= 2, f"max_source_length must be >= 2, got {self.max_source_length}")
-        need(self.max_target_length >= 2, f"max_target_length must be >= 2, got {self.max_target_length}")
-        if self.tokenizer_vocab_size:
-            need(self.tokenizer_vocab_size >= MIN_VOCAB,
-                 f"tokenizer_vocab_size must be 0 (the model's tokenizer) or >= {MIN_VOCAB}, "
-                 f"got {self.tokenizer_vocab_size}")
-            need(not self.model, "tokenizer_vocab_size trains a new vocabulary: it needs init (a model trained "
-                                 "from scratch), not a pretrained model, whose embeddings belong to its tokenizer")
-        need(self.augment_copies >= 0, f"augment_copies must be >= 0, got {self.augment_copies}")
-        need(0 <= self.augment_invented <= 1, f"augment_invented must be in [0, 1], got {self.augment_invented}")
-
-        need(self.epochs > 0 or self.max_steps is not None, f"epochs must be > 0, got {self.epochs}")
-        need(self.max_steps is None or self.max_steps >= 1, f"max_steps must be >= 1, got {self.max_steps}")
-        need(self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size}")
-        need(self.grad_accum >= 1, f"grad_accum must be >= 1, got {self.grad_accum}")
-        need(self.learning_rate > 0, f"learning_rate must be > 0, got {self.learning_rate}")
-        need(self.lr_schedule in SCHEDULES,
-             f"lr_schedule must be one of {', '.join(SCHEDULES)}, got {self.lr_schedule!r}")
-        need(self.warmup_steps >= 0, f"warmup_steps must be >= 0, got {self.warmup_steps}")
-        need(self.optimizer in OPTIMIZERS, f"optimizer must be one of {', '.join(OPTIMIZERS)}, got {self.optimizer!r}")
-        need(self.weight_decay >= 0, f"weight_decay must be >= 0, got {self.weight_decay}")
-        need(self.max_grad_norm is None or self.max_grad_norm > 0,
-             f"max_grad_norm must be > 0 (or none to disable clipping), got {self.max_grad_norm}")
-        need(self.dropout is None or 0 <= self.dropout < 1, f"dropout must be in [0, 1), got {self.dropout}")
-        if self.dtype in ("float16", "fp16", "half"):
-            problems.append(f"dtype {self.dtype}: T5 overflows in fp16; use bfloat16 or float32")
-        else:
-            need(self.dtype in DTYPES, f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
-
-        need(self.eval_every >= 0, f"eval_every must be >= 0 (0: only at the end), got {self.eval_every}")
-        need(self.eval_samples >= 0, f"eval_samples must be >= 0 (0: all), got {self.eval_samples}")
-        need(self.eval_batch_size >= 1, f"eval_batch_size must be >= 1, got {self.eval_batch_size}")
-        need(self.eval_num_beams >= 1, f"eval_num_beams must be >= 1, got {self.eval_num_beams}")
-        need(self.eval_max_new_tokens >= 1, f"eval_max_new_tokens must be >= 1, got {self.eval_max_new_tokens}")
-        need(self.log_every >= 1, f"log_every must be >= 1, got {self.log_every}")
-        need(self.save_every >= 0, f"save_every must be >= 0 (0: at every eval), got {self.save_every}")
-        need(self.max_minutes is None or self.max_minutes > 0,
-             f"max_minutes must be > 0 (or none for no time limit), got {self.max_minutes}")
-
-        need(self.lora_rank >= 1, f"lora_rank must be >= 1, got {self.lora_rank}")
-        need(self.lora_alpha > 0, f"lora_alpha must be > 0, got {self.lora_alpha}")
-        need(0 <= self.lora_dropout < 1, f"lora_dropout must be in [0, 1), got {self.lora_dropout}")
-        try:
-            parse_lora_targets(self.lora_targets)
-        except ConfigError as e:
-            problems.append(str(e))
-        if self.quantize_base is not None:
-            need(self.quantize_base in (4, 8), f"quantize_base must be 4, 8 or none, got {self.quantize_base}")
-            need(self.lora, "quantize_base trains LoRA adapters on a quantized base: it needs lora: true")
-        need(not self.fuse or self.lora, "fuse merges LoRA adapters into the model: it needs lora: true")
-        if self.resume is not None and self.resume != "auto":
-            need(Path(self.resume).exists(), f"resume checkpoint not found: {self.resume}")
-
-        if problems:
-            raise ConfigError("invalid config: " + "; ".join(problems))
-        return self
-
-
-def parse_lora_targets(spec: str) -> tuple[str, ...]:
-    """"qv" -> ("q", "v"); "all" -> every attention and FFN Linear; or a comma list of names."""
-    if spec in LORA_TARGETS:
-        return LORA_TARGETS[spec]
-    names = tuple(n.strip() for n in str(spec).split(",") if n.strip())
-    bad = [n for n in names if n not in LORA_MODULES]
-    if not names or bad:
-        raise ConfigError(f"lora_targets must be qv, all or a comma list of {', '.join(LORA_MODULES)}; "
-                          f"got {spec!r}" + (f" (unknown: {', '.join(bad)})" if bad else ""))
-    return names
 
 
 # Presets set hardware-dependent knobs only; every value can still be overridden.
@@ -236,112 +57,247 @@ PRESET_DESCRIPTIONS: dict[str, str] = {
     "a100": "A100: bfloat16, batch 64, lr 3e-4, 5 epochs",
 }
 
-FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
-_HELP = {
-    "model": "HF model folder or hub id to fine-tune",
-    "init": "random init instead: small, base, large or a T5 config.json",
-    "data": "JSONL files, comma-separated",
-    "split": "target: leak-free, by target; random: the original's leaky row split",
-    "split_fractions": "train,valid,test (default 0.8,0.1,0.1 target; 0.96,0.02,0.02 random)",
-    "sample_fraction": "use this fraction of the data (of targets for split target)",
-    "normalize": "fold accents (Maori for Māori) and whitespace in the data",
-    "max_source_length": "input tokens kept, EOS included",
-    "max_target_length": "target tokens kept, EOS included",
-    "tokenizer_vocab_size": "train a SentencePiece tokenizer of this many pieces on the train split, saved with the "
-                            "model (init only; 0: the model's own / Flan-T5's)",
-    "augment_copies": "add N entity-swapped variants of each training row (names copied from the query replaced "
-                      "in query and target; 0: off)",
-    "augment_invented": "share of swapped names that are invented (the rest come from other training rows)",
-    "output_dir": "folder for checkpoints, config.yaml, metrics.jsonl",
-    "epochs": "passes over the training split",
-    "max_steps": "optimizer steps; overrides epochs",
-    "batch_size": "examples per micro-batch",
-    "grad_accum": "micro-batches per optimizer step",
-    "learning_rate": "peak learning rate",
-    "lr_schedule": "decay after warmup",
-    "warmup_steps": "linear warmup steps",
-    "optimizer": "optimizer",
-    "weight_decay": "decoupled weight decay",
-    "max_grad_norm": "clip the global gradient norm (none: no clipping)",
-    "dropout": "dropout rate (none: the model config's)",
-    "seed": "seed for init, shuffling and the random split",
-    "dtype": "training precision (fp16 overflows in T5)",
-    "eval_every": "evaluate every N optimizer steps (0: at the end only)",
-    "eval_samples": "validation examples generated per eval (0: all)",
-    "eval_batch_size": "batch size for evaluation",
-    "eval_num_beams": "beams when generating for eval",
-    "eval_max_new_tokens": "token limit when generating for eval",
-    "log_every": "log train loss every N optimizer steps",
-    "lora": "train LoRA adapters instead of all weights",
-    "lora_rank": "LoRA rank r",
-    "lora_alpha": "LoRA alpha (scale alpha / r)",
-    "lora_dropout": "dropout on the LoRA input",
-    "lora_targets": "qv, all, or a comma list of q,k,v,o,wi,wi_0,wi_1,wo",
-    "quantize_base": "4 or 8: quantize the frozen base (QLoRA)",
-    "fuse": "merge the adapters into the saved model",
-    "gradient_checkpointing": "recompute activations to save memory",
-    "preset": "hardware preset",
-    "resume": "checkpoint folder to continue from, or auto: the latest in output_dir",
+# The rules a field's value may have to meet; the key is what the error message says ("must be >= 1").
+RULES = {
+    "> 0": lambda x: x > 0,
+    ">= 0": lambda x: x >= 0,
+    ">= 1": lambda x: x >= 1,
+    ">= 2": lambda x: x >= 2,
+    "in (0, 1]": lambda x: 0 < x <= 1,
+    "in [0, 1)": lambda x: 0 <= x < 1,
+    "in [0, 1]": lambda x: 0 <= x <= 1,
+    f"0 or >= {MIN_VOCAB}": lambda x: x == 0 or x >= MIN_VOCAB,
+    "4, 8 or none": lambda x: x in (4, 8),
 }
+
+
+def setting(default, help: str, rule: str | None = None, note: str = "", **meta):
+    """A TrainConfig field: its default (a callable is a factory, for lists), its --help text, and the RULES
+    entry its value must meet, if any (`note` is added to that error message)."""
+    if rule is not None and rule not in RULES:
+        raise KeyError(f"no rule {rule!r}")
+    kind = {"default_factory": default} if callable(default) else {"default": default}
+    return field(**kind, metadata={"help": help, "rule": rule, "note": note, **meta})
+
+
+@dataclass
+class TrainConfig:
+    # model: exactly one of `model` (fine-tune) or `init` (random init)
+    model: str | None = setting(None, "HF model folder or hub id to fine-tune")
+    init: str | None = setting(None, "random init instead: small, base, large or a T5 config.json")
+    # data
+    data: list[str] = setting(lambda: ["../shared/datasets/full.jsonl"], "JSONL files, comma-separated")
+    split: Literal["target", "random"] = setting("target", "target: leak-free, by target; random: the original's "
+                                                 "leaky row split")
+    split_fractions: list[float] | None = setting(None, "train,valid,test (default 0.8,0.1,0.1 target; "
+                                                  "0.96,0.02,0.02 random)")
+    sample_fraction: float = setting(1.0, "use this fraction of the data (of targets for split target)", "in (0, 1]")
+    normalize: bool = setting(True, "fold accents (Maori for Māori) and whitespace in the data")
+    max_source_length: int = setting(64, "input tokens kept, EOS included", ">= 2")
+    max_target_length: int = setting(64, "target tokens kept, EOS included", ">= 2")
+    tokenizer_vocab_size: int = setting(0, "train a SentencePiece tokenizer of this many pieces on the train split, "
+                                        "saved with the model (init only; 0: the model's own / Flan-T5's)",
+                                        f"0 or >= {MIN_VOCAB}", " (0: the model's tokenizer)")
+    augment_copies: int = setting(0, "add N entity-swapped variants of each training row (names copied from the "
+                                  "query replaced in query and target; 0: off)", ">= 0")
+    augment_invented: float = setting(0.5, "share of swapped names that are invented (the rest come from other "
+                                      "training rows)", "in [0, 1]")
+    # run
+    output_dir: str = setting("runs/latest", "folder for checkpoints, config.yaml, metrics.jsonl")
+    epochs: float = setting(3.0, "passes over the training split")  # > 0 unless max_steps is set: see validate
+    max_steps: int | None = setting(None, "optimizer steps; overrides epochs", ">= 1")
+    batch_size: int = setting(8, "examples per micro-batch", ">= 1")
+    grad_accum: int = setting(1, "micro-batches per optimizer step", ">= 1")
+    learning_rate: float = setting(3e-4, "peak learning rate", "> 0")
+    lr_schedule: Literal["linear", "cosine", "constant"] = setting("linear", "decay after warmup")
+    warmup_steps: int = setting(0, "linear warmup steps", ">= 0")
+    optimizer: Literal["adamw", "adafactor"] = setting("adamw", "optimizer")
+    weight_decay: float = setting(0.0, "decoupled weight decay", ">= 0")
+    max_grad_norm: float | None = setting(1.0, "clip the global gradient norm (none: no clipping)", "> 0",
+                                          " (or none to disable clipping)")
+    dropout: float | None = setting(None, "dropout rate (none: the model config's)", "in [0, 1)")
+    seed: int = setting(42, "seed for init, shuffling and the random split")
+    dtype: Literal["float32", "bfloat16"] = setting("float32", "training precision (fp16 overflows in T5)",
+                                                    aliases={"fp32": "float32", "f32": "float32", "bf16": "bfloat16"})
+    # evaluation and logging (steps are optimizer steps)
+    eval_every: int = setting(200, "evaluate every N optimizer steps (0: at the end only)", ">= 0",
+                              " (0: only at the end)")
+    eval_samples: int = setting(200, "validation examples generated per eval (0: all)", ">= 0", " (0: all)")
+    eval_batch_size: int = setting(32, "batch size for evaluation", ">= 1")
+    eval_num_beams: int = setting(1, "beams when generating for eval", ">= 1")
+    eval_max_new_tokens: int = setting(64, "token limit when generating for eval", ">= 1")
+    log_every: int = setting(10, "log train loss every N optimizer steps", ">= 1")
+    save_every: int = setting(0, "optimizer steps between resume checkpoints (0: at every eval and at the end)",
+                              ">= 0", " (0: at every eval)")
+    max_minutes: float | None = setting(None, "wall-clock budget: stop (checkpoint, evaluate, save) once it is "
+                                        "spent (none: no limit)", "> 0", " (or none for no time limit)")
+    # LoRA / QLoRA
+    lora: bool = setting(False, "train LoRA adapters instead of all weights")
+    lora_rank: int = setting(8, "LoRA rank r", ">= 1")
+    lora_alpha: float = setting(16.0, "LoRA alpha (scale alpha / r)", "> 0")
+    lora_dropout: float = setting(0.0, "dropout on the LoRA input", "in [0, 1)")
+    lora_targets: str = setting("qv", f"qv, all, or a comma list of {','.join(LORA_LINEARS)}")
+    quantize_base: int | None = setting(None, "4 or 8: quantize the frozen base (QLoRA)", "4, 8 or none")
+    fuse: bool = setting(False, "merge the adapters into the saved model")
+    gradient_checkpointing: bool = setting(False, "recompute activations to save memory")
+    preset: str | None = setting(None, "hardware preset: " + "; ".join(f"{k}: {v}" for k, v in
+                                                                       PRESET_DESCRIPTIONS.items()),
+                                 choices=tuple(PRESETS))  # named in the metavar; unknown ones fail in validate
+    resume: str | None = setting(None, "checkpoint folder to continue from, or auto: the latest in output_dir")
+
+    @classmethod
+    def from_dict(cls, values: dict, source: str = "config") -> "TrainConfig":
+        """A config from ``values`` (coerced to field types), without validation."""
+        return dataclasses.replace(cls(), **_coerce_all(values, source))
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def save(self, path) -> Path:
+        """Write the config as YAML (atomically), loadable again with ``load_config``."""
+        import yaml
+
+        return atomic_write_text(path, yaml.safe_dump(self.to_dict(), sort_keys=False))
+
+    def lora_modules(self) -> tuple[str, ...]:
+        """``lora_targets`` as HF module names, e.g. ("q", "v")."""
+        return parse_lora_targets(self.lora_targets)
+
+    def validate(self) -> "TrainConfig":
+        """Raise ``ConfigError`` listing every problem; return self when there is none."""
+        problems = {f.name: p for f in dataclasses.fields(self) if (p := _problem(f, getattr(self, f.name)))}
+        if self.dtype in ("float16", "fp16", "half"):
+            problems["dtype"] = f"dtype {self.dtype}: T5 overflows in fp16; use bfloat16 or float32"
+        if self.max_steps is None and not self.epochs > 0:
+            problems["epochs"] = f"epochs must be > 0, got {self.epochs}"
+        problems = list(problems.values())
+
+        def need(ok, message):
+            if not ok:
+                problems.append(message)
+
+        if self.model and self.init:
+            problems.append("set either model (fine-tune) or init (random init), not both")
+        elif not self.model and not self.init and self.resume in (None, "auto"):
+            # a resumed checkpoint names its model; "auto" may find none and start fresh
+            problems.append("set model (an HF folder or hub id) or init (small, base, large or a config.json)")
+        if self.init and self.init not in FLAN_T5_SHAPES:
+            if Path(self.init).suffix != ".json":
+                problems.append(f"init must be one of {', '.join(FLAN_T5_SHAPES)} or a config.json path, "
+                                f"got {self.init!r}")
+            else:
+                need(Path(self.init).is_file(), f"init config not found: {self.init}")
+        need(self.preset is None or self.preset in PRESETS,
+             f"unknown preset {self.preset!r}; known presets: {', '.join(PRESETS)}")
+        need(self.data, "data: no data files given")
+        problems += [f"data file not found: {path}" for path in self.data if not Path(path).is_file()]
+        f = self.split_fractions
+        need(f is None or (len(f) == 3 and all(0 <= x <= 1 for x in f) and f[0] > 0 and abs(sum(f) - 1) <= 1e-6),
+             f"split_fractions must be three numbers train,valid,test in [0, 1] with train > 0 summing to 1, "
+             f"got {f}")
+        need(not (self.tokenizer_vocab_size and self.model),
+             "tokenizer_vocab_size trains a new vocabulary: it needs init (a model trained from scratch), not a "
+             "pretrained model, whose embeddings belong to its tokenizer")
+        try:
+            parse_lora_targets(self.lora_targets)
+        except ValueError as e:
+            problems.append(str(e))
+        need(self.quantize_base is None or self.lora,
+             "quantize_base trains LoRA adapters on a quantized base: it needs lora: true")
+        need(not self.fuse or self.lora, "fuse merges LoRA adapters into the model: it needs lora: true")
+        need(self.resume in (None, "auto") or Path(self.resume).exists(),
+             f"resume checkpoint not found: {self.resume}")
+        if problems:
+            raise ConfigError("invalid config: " + "; ".join(problems))
+        return self
+
+
+FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
 _HINTS = typing.get_type_hints(TrainConfig)
 
 
 def _unwrap(hint):
     """(base type, optional, choices) of a field's type hint."""
-    optional = False
     args = typing.get_args(hint)
-    if type(None) in args:
-        optional = True
+    optional = type(None) in args
+    if optional:
         hint = next(a for a in args if a is not type(None))
     if typing.get_origin(hint) is Literal:
         return str, optional, typing.get_args(hint)
     return hint, optional, None
 
 
+def _problem(f: dataclasses.Field, value) -> str | None:
+    """What is wrong with one field's value on its own (its Literal choices, its rule); None: nothing."""
+    _, _, choices = _unwrap(_HINTS[f.name])
+    rule = f.metadata["rule"]
+    if value is None:
+        return None
+    if choices and value not in choices:
+        return f"{f.name} must be one of {', '.join(choices)}, got {value!r}"
+    if rule and not RULES[rule](value):
+        return f"{f.name} must be {rule}{f.metadata['note']}, got {value}"
+    return None
+
+
+# -- coercion: YAML gives "3e-4" as a string, the command line gives strings -------------------
+
+_TRUE, _FALSE = ("true", "yes", "on", "1"), ("false", "no", "off", "0")
+
+
+def _to_bool(value) -> bool:
+    if isinstance(value, bool):
+        return value
+    word = value.strip().lower() if isinstance(value, str) else None
+    if word not in _TRUE + _FALSE:
+        raise ValueError(value)
+    return word in _TRUE
+
+
+def _to_int(value) -> int:
+    if isinstance(value, str) and "e" in value.lower():  # "1e3"
+        value = float(value)
+    if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+        raise ValueError(value)
+    return int(value)
+
+
+def _to_float(value) -> float:
+    if isinstance(value, bool):
+        raise ValueError(value)
+    return float(value)
+
+
+def _to_str(value) -> str:
+    if isinstance(value, bool) or not isinstance(value, (str, int, float)):
+        raise ValueError(value)
+    return str(value)
+
+
+_CONVERT = {bool: _to_bool, int: _to_int, float: _to_float, str: _to_str}
+
+
 def _coerce(name: str, value, source: str = "config"):
-    """``value`` as field ``name``'s type (YAML gives "3e-4" as a string; the CLI gives strings)."""
+    """``value`` as field ``name``'s type; lists also from a comma-separated string, optionals from "none"."""
     base, optional, _ = _unwrap(_HINTS[name])
     if value is None or (optional and isinstance(value, str) and value.strip().lower() in ("none", "null", "")):
         if optional:
             return None
         raise ConfigError(f"{source}: {name} cannot be empty")
-    if name == "dtype" and isinstance(value, str):
-        return DTYPE_ALIASES.get(value.lower(), value.lower())
+    aliases = FIELDS[name].metadata.get("aliases")
+    if aliases is not None and isinstance(value, str):
+        return aliases.get(value.lower(), value.lower())
+    is_list = typing.get_origin(base) is list
     try:
-        if base is bool:
-            if isinstance(value, bool):
-                return value
-            word = value.strip().lower() if isinstance(value, str) else None
-            if word in ("true", "yes", "on", "1", "false", "no", "off", "0"):
-                return word in ("true", "yes", "on", "1")
-            raise ValueError
-        if base is int:
-            if isinstance(value, bool):
-                raise ValueError
-            if isinstance(value, float) and not value.is_integer():
-                raise ValueError
-            return int(float(value)) if isinstance(value, str) and "e" in value.lower() else int(value)
-        if base is float:
-            if isinstance(value, bool):
-                raise ValueError
-            return float(value)
-        if base is str:
-            if not isinstance(value, (str, int, float)) or isinstance(value, bool):
-                raise ValueError
-            return str(value)
-        if typing.get_origin(base) is list:
-            (item,) = typing.get_args(base)
-            if isinstance(value, str):
-                value = [v.strip() for v in value.split(",") if v.strip()]
-            if not isinstance(value, (list, tuple)):
-                raise ValueError
-            return [item(v) if item is not str else str(v) for v in value]
+        if not is_list:
+            return _CONVERT[base](value)
+        items = [v.strip() for v in value.split(",") if v.strip()] if isinstance(value, str) else value
+        if not isinstance(items, (list, tuple)):
+            raise ValueError(value)
+        return [_CONVERT[typing.get_args(base)[0]](v) for v in items]
     except (TypeError, ValueError):
-        kind = getattr(base, "__name__", str(base))
-        if typing.get_origin(base) is list:
-            kind = "a list (or a comma-separated string)"
+        kind = "a list (or a comma-separated string)" if is_list else base.__name__
         raise ConfigError(f"{source}: {name} must be {kind}{' or none' if optional else ''}, got {value!r}") from None
-    raise AssertionError(f"unhandled type {base} for {name}")
 
 
 def _coerce_all(values: dict, source: str) -> dict:
@@ -350,6 +306,8 @@ def _coerce_all(values: dict, source: str) -> dict:
         raise ConfigError(f"{source}: unknown key(s) {', '.join(unknown)}")
     return {k: _coerce(k, v, source) for k, v in values.items()}
 
+
+# -- files and flags ---------------------------------------------------------------------------
 
 def _read_yaml(path) -> dict:
     import yaml
@@ -400,7 +358,8 @@ def _flag(name: str) -> str:
 
 
 def add_config_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    """Add ``--config FILE`` and one flag per TrainConfig field (``--learning-rate``, ``--lora/--no-lora``).
+    """Add ``--config FILE`` and one flag per TrainConfig field (``--learning-rate``, ``--lora/--no-lora``),
+    each with the field's help text and default.
 
     Flags default to "not given" so only the ones typed override the YAML file and preset.
     Lists are comma-separated (``--data a.jsonl,b.jsonl``); optional values accept ``none``.
@@ -408,21 +367,17 @@ def add_config_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     group = parser.add_argument_group("training config (defaults < --preset < --config < flags)")
     group.add_argument("--config", default=None, metavar="FILE", help="YAML file of config keys")
     defaults = TrainConfig()
-    for name in FIELDS:
-        base, optional, choices = _unwrap(_HINTS[name])
+    for name, f in FIELDS.items():
+        base, _, choices = _unwrap(_HINTS[name])
         default = getattr(defaults, name)
         shown = ",".join(map(str, default)) if isinstance(default, list) else default
-        help_text = f"{_HELP.get(name, name)} (default: {shown})"
-        if name == "preset":
-            choices = tuple(PRESETS)
-            help_text = "hardware preset: " + "; ".join(f"{k}: {v}" for k, v in PRESET_DESCRIPTIONS.items())
-        help_text = help_text.replace("%", "%%")  # argparse formats help with %
+        help_text = f"{f.metadata['help']} (default: {shown})".replace("%", "%%")  # argparse formats help with %
         if base is bool:
             group.add_argument(_flag(name), action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS,
                                help=help_text)
-            continue
-        group.add_argument(_flag(name), default=argparse.SUPPRESS, metavar=_metavar(name, base, choices),
-                           type=_arg_type(name), help=help_text)
+        else:
+            group.add_argument(_flag(name), default=argparse.SUPPRESS, type=_arg_type(name), help=help_text,
+                               metavar=_metavar(name, base, f.metadata.get("choices", choices)))
     return parser
 
 

@@ -1,4 +1,4 @@
-"""Scores for subquery predictions, and a masked token loss to check trainers against.
+"""Scores for subquery predictions.
 
 All inputs are raw model strings ("a|b"); they are split with ``parse_subqueries``.
 """
@@ -80,28 +80,3 @@ def score(predictions, references) -> dict:
         "subquery_f1": float(np.mean(f1)),
         "count": len(predictions),
     }
-
-
-def masked_token_loss(logits, labels, ignore_index: int = -100) -> float:
-    """Mean cross-entropy over the tokens whose label is not ``ignore_index``.
-
-    ``logits``: [..., vocab]; ``labels``: the same leading shape. Computed in float64 with a
-    max-shifted log-softmax, so large logits do not overflow. Padding must carry
-    ``ignore_index``: it does not count towards the mean.
-    """
-    logits = np.asarray(logits, dtype=np.float64)
-    labels = np.asarray(labels)
-    if logits.shape[:-1] != labels.shape:
-        raise ValueError(f"logits {logits.shape} do not match labels {labels.shape}: "
-                         f"expected labels of shape {logits.shape[:-1]}")
-    mask = labels != ignore_index
-    if not mask.any():
-        raise ValueError(f"every label is {ignore_index}: no tokens to score")
-    targets = labels[mask]
-    vocab = logits.shape[-1]
-    if targets.min() < 0 or targets.max() >= vocab:
-        raise ValueError(f"labels must be in [0, {vocab}) or {ignore_index}, got {targets.min()}..{targets.max()}")
-    rows = logits[mask]
-    shifted = rows - rows.max(axis=-1, keepdims=True)
-    log_probs = shifted - np.log(np.exp(shifted).sum(axis=-1, keepdims=True))
-    return float(-log_probs[np.arange(len(targets)), targets].mean())

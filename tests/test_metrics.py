@@ -1,12 +1,10 @@
 """reformulation.metrics (hand-checked values) and reformulation.reporting (metrics.jsonl, curves, summary)."""
 
-import math
-
 import numpy as np
 import pytest
 
 from reformulation.data import DataError
-from reformulation.metrics import masked_token_loss, rouge_l, score
+from reformulation.metrics import rouge_l, score
 from reformulation.reporting import MetricsLog, plot_curves, read_metrics, summary_table
 
 
@@ -64,44 +62,6 @@ def test_score_errors():
         score(["a", None], ["a", "b"])
     with pytest.raises(ValueError, match="1 predictions but 2 references"):
         rouge_l(["a"], ["a", "b"])
-
-
-# -- masked loss ---------------------------------------------------------------------------------
-
-def test_masked_token_loss_hand_checked():
-    # row [0, ln 3] -> softmax [1/4, 3/4]: label 1 costs -ln(3/4), label 0 costs ln 4
-    logits = np.array([[[0.0, math.log(3)], [0.0, math.log(3)], [50.0, -50.0]]])
-    labels = np.array([[1, 0, -100]])  # the padded position would cost 100 if it were counted
-    expected = (-math.log(0.75) + math.log(4)) / 2
-    assert masked_token_loss(logits, labels) == pytest.approx(expected, rel=1e-12)
-    # counting the pad position (what the original project did) gives a different number
-    assert masked_token_loss(logits, np.array([[1, 0, 1]])) == pytest.approx((-math.log(0.75) + math.log(4) + 100) / 3)
-
-
-def test_masked_token_loss_is_stable_for_large_logits():
-    logits = np.array([[1e4, 0.0], [0.0, 1e4]], dtype=np.float32)
-    assert masked_token_loss(logits, np.array([0, 0])) == pytest.approx(1e4 / 2)
-
-
-def test_masked_token_loss_matches_torch():
-    torch = pytest.importorskip("torch")
-    rng = np.random.default_rng(0)
-    logits = rng.normal(size=(3, 5, 11)).astype(np.float32) * 4
-    labels = rng.integers(0, 11, size=(3, 5))
-    labels[0, 3:] = -100
-    labels[2, 1:] = -100
-    expected = torch.nn.functional.cross_entropy(torch.from_numpy(logits).reshape(-1, 11),
-                                                 torch.from_numpy(labels).reshape(-1), ignore_index=-100)
-    assert masked_token_loss(logits, labels) == pytest.approx(expected.item(), rel=1e-5)
-
-
-def test_masked_token_loss_errors():
-    with pytest.raises(ValueError, match="do not match labels"):
-        masked_token_loss(np.zeros((2, 3, 4)), np.zeros((2, 4), dtype=int))
-    with pytest.raises(ValueError, match="no tokens to score"):
-        masked_token_loss(np.zeros((1, 2, 4)), np.full((1, 2), -100))
-    with pytest.raises(ValueError, match=r"labels must be in \[0, 4\)"):
-        masked_token_loss(np.zeros((1, 2, 4)), np.array([[1, 4]]))
 
 
 # -- reporting ---------------------------------------------------------------------------------

@@ -1,6 +1,7 @@
 """MLX T5 vs transformers' T5ForConditionalGeneration (the oracle) on random-init models."""
 
 import json
+import math
 
 import mlx.core as mx
 import numpy as np
@@ -11,7 +12,7 @@ from transformers import T5ForConditionalGeneration
 from transformers.models.t5.modeling_t5 import T5Attention
 
 import mlx_t5
-from mlx_t5.model import relative_position_bucket
+from mlx_t5.model import relative_position_bucket, token_loss
 
 TARGETS = ["Nikola Tesla lifespan|Milutin Milankovic lifespan", "capital of France", "telephone invention|penicillin discovery",
            "Maori population New Zealand", "Eiffel Tower height", "Apple founders|Microsoft founders|Google founders",
@@ -155,3 +156,42 @@ def test_missing_and_misshapen_tensors_are_listed(tmp_path, tokenizer_dir):
         mlx_t5.load(folder)
     assert "missing tensors (1): decoder.final_layer_norm.weight" in str(err.value)
     assert "encoder.final_layer_norm.weight (3,) != (64,)" in str(err.value)
+
+
+# -- the training loss (mlx_t5.model.token_loss, under loss_fn and the trainer's step) ---------------
+
+def test_token_loss_hand_checked():
+    # row [0, ln 3] -> softmax [1/4, 3/4]: label 1 costs -ln(3/4), label 0 costs ln 4
+    logits = mx.array([[[0.0, math.log(3)], [0.0, math.log(3)], [50.0, -50.0]]])
+    total, count = token_loss(logits, mx.array([[1, 0, -100]]))  # the padded position would cost 100 if counted
+    assert count.item() == 2
+    assert total.item() / 2 == pytest.approx((-math.log(0.75) + math.log(4)) / 2, rel=1e-6)
+    # counting the pad position (what the original project did) gives a different number
+    total, count = token_loss(logits, mx.array([[1, 0, 1]]))
+    assert total.item() / count.item() == pytest.approx((-math.log(0.75) + math.log(4) + 100) / 3, rel=1e-6)
+
+
+def test_token_loss_is_stable_for_large_logits():
+    total, count = token_loss(mx.array([[1e4, 0.0], [0.0, 1e4]]), mx.array([0, 0]))
+    assert total.item() / count.item() == pytest.approx(1e4 / 2)
+
+
+def test_token_loss_and_its_gradient_match_torch():
+    rng = np.random.default_rng(0)
+    logits = rng.normal(size=(3, 5, 11)).astype(np.float32) * 4
+    labels = rng.integers(0, 11, size=(3, 5))
+    labels[0, 3:] = -100
+    labels[2, 1:] = -100
+    reference = torch.from_numpy(logits).requires_grad_()
+    expected = torch.nn.functional.cross_entropy(reference.reshape(-1, 11), torch.from_numpy(labels).reshape(-1),
+                                                 ignore_index=-100)
+    expected.backward()
+
+    for keep_softmax in (True, False):  # the custom vjp (training) and plain autodiff (loss_fn)
+        def mean(x):
+            total, count = token_loss(x, mx.array(labels), keep_softmax=keep_softmax)
+            return total / count
+
+        value, grad = mx.value_and_grad(mean)(mx.array(logits))
+        assert value.item() == pytest.approx(expected.item(), rel=1e-5)
+        np.testing.assert_allclose(np.array(grad), reference.grad.numpy(), atol=1e-6)

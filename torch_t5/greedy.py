@@ -21,6 +21,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from reformulation.constants import decoder_output_scale
+
 from .quantize import Int8Linear
 
 
@@ -161,7 +163,7 @@ class GreedyDecoder:
         eos, pad = self.eos, self.pad
         ids = torch.full((B,), self.start, dtype=torch.long)
         unfinished = torch.ones(B, dtype=torch.bool)
-        rescale = getattr(config, "scale_decoder_outputs", config.tie_word_embeddings)
+        scale = decoder_output_scale(config)
         for t in range(max_new_tokens):
             h = self.embed(ids)  # (B, d_model): one position per row
             bias = self_bias[:, :, t:t + 1, :t + 1]
@@ -184,8 +186,8 @@ class GreedyDecoder:
                     x = layer.act(x)
                 h = h + layer.wo(x)
             h = _rms_norm(h, *self.final_norm)
-            if rescale:  # T5 v1.0 (tied head) scales the decoder output by d_model ** -0.5
-                h = h * (d_model ** -0.5)
+            if scale is not None:  # T5 v1.0 (tied head)
+                h = h * scale
             logits = self.head(h)
             if t < min_new_tokens:
                 logits[:, eos] = float("-inf")

@@ -6,12 +6,12 @@
 """
 
 import contextlib
-import json
 from pathlib import Path
 
 import torch
 
 from reformulation.data import format_source
+from reformulation.io import read_json_object
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
@@ -102,7 +102,8 @@ def _load_adapter(adapter_dir: Path, torch_dtype):
     from peft import PeftModel
     from transformers import AutoModelForSeq2SeqLM
 
-    base = json.loads((adapter_dir / "adapter_config.json").read_text()).get("base_model_name_or_path")
+    base = read_json_object(adapter_dir / "adapter_config.json", "a PEFT adapter folder",
+                            InferError).get("base_model_name_or_path")
     if not base:
         raise InferError(f"{adapter_dir / 'adapter_config.json'}: no base_model_name_or_path")
     model = AutoModelForSeq2SeqLM.from_pretrained(base, dtype=torch_dtype or torch.float32)

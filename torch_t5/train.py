@@ -26,7 +26,8 @@ import torch
 
 from reformulation.config import ConfigError, TrainConfig, add_config_args, config_from_args, print_config
 from reformulation.data import DataError, Splits, load_examples, make_splits, tokenize
-from reformulation.io import atomic_dir, atomic_write_json, atomic_write_text
+from reformulation.constants import FLAN_T5_SHAPES, decoder_output_scale
+from reformulation.io import atomic_dir, atomic_write_json, atomic_write_text, read_json_object
 from reformulation.metrics import score
 from reformulation.recipe import task_tokenizer, training_examples
 from reformulation.reporting import MetricsLog, examples_table, plot_curves, read_metrics, summary_table
@@ -39,12 +40,6 @@ ADAPTER_DIR = "adapter"
 _REPO = Path(__file__).resolve().parents[1]
 DEFAULT_TOKENIZER = _REPO.parent / "shared" / "tokenizers" / "flan-t5-small"
 
-# Flan-T5 shapes for random init: gated-gelu, untied head, vocab 32128 (32,100 ids padded to a multiple of 128).
-FLAN_T5_SHAPES = {
-    "small": dict(d_model=512, d_kv=64, d_ff=1024, num_layers=8, num_decoder_layers=8, num_heads=6),
-    "base": dict(d_model=768, d_kv=64, d_ff=2048, num_layers=12, num_decoder_layers=12, num_heads=12),
-    "large": dict(d_model=1024, d_kv=64, d_ff=2816, num_layers=24, num_decoder_layers=24, num_heads=16),
-}
 SUMMARY_KEYS = ("train_runtime", "train_samples_per_second", "train_loss", "eval_loss", "eval_rouge_l",
                 "eval_exact_match", "eval_subquery_f1", "eval_runtime", "eval_samples_per_second")
 
@@ -70,17 +65,14 @@ def init_model(init: str, dropout: float | None, vocab_size: int | None = None):
     from transformers import T5Config, T5ForConditionalGeneration
 
     if init in FLAN_T5_SHAPES:
-        config = T5Config(**FLAN_T5_SHAPES[init], vocab_size=32128, feed_forward_proj="gated-gelu",
-                          tie_word_embeddings=False, decoder_start_token_id=0, pad_token_id=0, eos_token_id=1)
-        tie = False
+        config = T5Config(**FLAN_T5_SHAPES[init])
     else:
+        raw = read_json_object(init, "an init config folder", ConfigError)
         try:
-            raw = json.loads(Path(init).read_text())
             config = T5Config.from_dict(raw)
-        except (OSError, ValueError, TypeError) as e:
+        except (ValueError, TypeError) as e:
             raise ConfigError(f"init: {init} is not a readable T5 config.json ({e})") from None
-        # v1.1 / Flan configs say tie_word_embeddings false (or, saved by transformers 5, scale_decoder_outputs false)
-        tie = raw.get("tie_word_embeddings", True) is not False and raw.get("scale_decoder_outputs", True) is not False
+    tie = decoder_output_scale(config) is not None  # T5 v1.0: the head is the (rescaled) embedding
     if dropout is not None:
         config.dropout_rate = dropout
     if vocab_size is not None:
