@@ -9,11 +9,11 @@ import shutil
 from pathlib import Path
 from typing import Optional, Union
 
+import mlx_t5  # noqa: I001  (first: it preloads OpenBLAS before mlx is imported)
 import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
 
-import mlx_t5
 from mlx_t5.quantize import dequantize_model, quantize_model
 from reformulation.io import read_json_object
 
