@@ -119,3 +119,41 @@ def test_load_errors_are_backend_errors(model_dir, tmp_path):
 
     apple = sys.platform == "darwin" and platform.machine() == "arm64"
     assert default_backend() == ("mlx" if apple else "torch" if torch.cuda.is_available() else "onnx")
+
+
+@pytest.mark.parametrize("name", ["mlx", "torch-int8", "onnx"])
+def test_set_threads_changes_what_describe_reports(model_dir, mlx_backend, name):
+    """set_threads is part of every engine's contract: the library's thread count changes, answers do not."""
+    import torch
+
+    from mlx_t5 import blas
+
+    backend = mlx_backend if name == "mlx" else make_backend(name).load(model_dir)
+    key = {"mlx": "blas_threads", "torch-int8": "torch_threads", "onnx": "onnxruntime_threads"}[name]
+    if name == "mlx" and blas.get_threads() is None:
+        pytest.skip("no OpenBLAS under MLX here: MLX's own CPU ops have no thread setting")
+    before, want = backend.describe()[key], backend.generate(QUERIES, max_new_tokens=8)
+    torch_threads = torch.get_num_threads()
+    try:
+        backend.set_threads(2)
+        assert backend.describe()[key] == 2
+        assert backend.generate(QUERIES, max_new_tokens=8) == want
+        with pytest.raises(EngineError, match="threads"):
+            backend.set_threads(0)
+    finally:
+        backend.set_threads(before)
+        torch.set_num_threads(torch_threads)
+
+
+def test_decoding_limits_are_the_shared_ones(mlx_backend):
+    from reformulation.engine import LIMITS
+
+    assert mlx_backend.generate(QUERIES[:1], num_beams=LIMITS.max_beams, max_new_tokens=2)
+    with pytest.raises(EngineError, match=f"num_beams must be an integer >= 1 and <= {LIMITS.max_beams}"):
+        mlx_backend.generate(QUERIES, num_beams=LIMITS.max_beams + 1)
+    with pytest.raises(EngineError, match=f"max_new_tokens must be an integer >= 1 and <= {LIMITS.max_new_tokens}"):
+        list(mlx_backend.stream(QUERIES[0], max_new_tokens=LIMITS.max_new_tokens + 1))
+    with pytest.raises(EngineError, match="temperature must be a number >= 0 and <= 2"):
+        mlx_backend.generate(QUERIES, temperature=LIMITS.max_temperature + 0.5)
+    with pytest.raises(EngineError, match="unexpected keyword argument 'beams'"):
+        mlx_backend.generate(QUERIES, beams=2)
