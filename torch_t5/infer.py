@@ -15,6 +15,7 @@ from typing import Iterator
 import torch
 
 from reformulation.data import format_source, text_pieces
+from reformulation.engine import first_line
 
 from .greedy import decoder_for, supported as greedy_supported
 from .hf import quiet_transformers
@@ -76,8 +77,7 @@ def load(path, device: str | None = None, dtype=None, tokenizer: str | None = No
                 tok_source = path
             tok = AutoTokenizer.from_pretrained(str(tokenizer or tok_source))
     except (OSError, ValueError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise InferError(f"{path}: could not load ({type(e).__name__}: {first})") from None
+        raise InferError(f"{path}: could not load ({type(e).__name__}: {first_line(e)})") from None
     return model.to(device).eval(), tok
 
 
