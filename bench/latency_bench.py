@@ -82,7 +82,7 @@ def torch_runner(model, backend: str, ids: list[int], new_tokens: int):
     from torch_t5.greedy import GreedyDecoder
 
     if backend.startswith("torch-int8"):
-        from torch_t5.quantize import quantize_model
+        from torch_t5.int8 import quantize_model
 
         model = copy.deepcopy(model)
         quantize_model(model)

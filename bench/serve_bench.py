@@ -206,7 +206,7 @@ DIRECT_THREADS = {"mlx": 1}  # OpenBLAS spin-waits: 1 thread measured best for M
 def direct_ab(model: Path, backends: list[str], queries: list[str], n: int, new_tokens: int) -> dict:
     """In-process, no HTTP, backends interleaved query by query: a fair A/B when the CPU is shared and
     its load drifts (each backend sees the same load). Wall and CPU milliseconds per query."""
-    from backends import make_backend
+    from serving.backends import make_backend
 
     loaded = [make_backend(name).load(model, threads=DIRECT_THREADS.get(name)) for name in backends]
     for backend in loaded:
@@ -230,7 +230,7 @@ def main(argv=None) -> int:
     from rich.markup import escape
     from rich.table import Table
 
-    from backends import BACKENDS
+    from serving.backends import BACKENDS
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--backends", default="onnx,torch-int8,mlx",

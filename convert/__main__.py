@@ -1,4 +1,4 @@
-"""python -m convert <subcommand>: checkpoints and adapters between MLX, transformers/PEFT and llama.cpp.
+"""python -m convert <subcommand>: checkpoints and adapters between MLX, transformers/PEFT, llama.cpp and ONNX.
 
     hf-to-mlx         HF checkpoint -> MLX checkpoint (optionally bfloat16 and/or 8/4-bit quantized)
     mlx-to-hf         MLX checkpoint (quantized ones are dequantized) -> HF folder for transformers
@@ -7,6 +7,10 @@
     fuse              merge MLX or PEFT LoRA adapters into their base checkpoint
     to-gguf           checkpoint -> GGUF file for llama.cpp (f32, f16 or q8_0)
     to-onnx           HF checkpoint -> ONNX Runtime folder (int8 weights) for the onnx serving backend
+
+Every subcommand reads --model (a checkpoint) and/or --adapters (an adapter folder) and writes --out;
+`t5r-convert` is the same command once the project is installed. Each subcommand imports only what it
+needs: to-onnx runs without MLX.
 """
 
 import argparse
@@ -28,8 +32,8 @@ def _folder_size(path) -> int:
 def hf_to_mlx(args, console):
     from .checkpoints import hf_to_mlx
 
-    with console.status(f"converting {args.hf}"):
-        model = hf_to_mlx(args.hf, args.out, dtype=args.dtype, bits=args.quantize, group_size=args.group_size)
+    with console.status(f"converting {args.model}"):
+        model = hf_to_mlx(args.model, args.out, dtype=args.dtype, bits=args.bits, group_size=args.group_size)
     q = model.args.quantization
     what = f"{q['bits']}-bit, groups of {q['group_size']}" if q else (args.dtype or "dtype kept")
     return f"{args.out} ({what}, {_size(_folder_size(args.out))})"
@@ -38,8 +42,8 @@ def hf_to_mlx(args, console):
 def mlx_to_hf(args, console):
     from .checkpoints import mlx_to_hf
 
-    with console.status(f"converting {args.mlx}"):
-        mlx_to_hf(args.mlx, args.out)
+    with console.status(f"converting {args.model}"):
+        mlx_to_hf(args.model, args.out)
     return f"{args.out} ({_size(_folder_size(args.out))}; load with transformers' from_pretrained)"
 
 
@@ -47,7 +51,7 @@ def adapters_to_peft(args, console):
     from .adapters import mlx_to_peft
 
     with console.status(f"converting {args.adapters}"):
-        config = mlx_to_peft(args.adapters, args.base, args.out)
+        config = mlx_to_peft(args.adapters, args.model, args.out)
     return (f"{args.out} (PEFT LoRA r={config['r']}, lora_alpha={config['lora_alpha']:g}, "
             f"{len(config['target_modules'])} modules)")
 
@@ -55,8 +59,8 @@ def adapters_to_peft(args, console):
 def peft_to_adapters(args, console):
     from .adapters import peft_to_mlx
 
-    with console.status(f"converting {args.peft}"):
-        config = peft_to_mlx(args.peft, args.out, base_dir=args.base)
+    with console.status(f"converting {args.adapters}"):
+        config = peft_to_mlx(args.adapters, args.out, base_dir=args.model)
     p = config["lora_parameters"]
     return f"{args.out} (MLX LoRA rank={p['rank']}, scale={p['scale']:g}, {len(config['target_modules'])} modules)"
 
@@ -64,8 +68,8 @@ def peft_to_adapters(args, console):
 def fuse(args, console):
     from .adapters import fuse
 
-    with console.status(f"fusing {args.adapters} into {args.base}"):
-        kind = fuse(args.base, args.adapters, args.out, dequantize=args.dequantize)
+    with console.status(f"fusing {args.adapters} into {args.model}"):
+        kind = fuse(args.model, args.adapters, args.out, dequantize=args.dequantize)
     return f"{args.out} ({kind} adapters merged, {_size(_folder_size(args.out))})"
 
 
@@ -100,39 +104,46 @@ def to_onnx(args, console):
     return f"{out} ({what}, {_size(size)}; serve with --backend onnx)"
 
 
+def _flag(parser, name: str, *old_names: str, **kwargs) -> None:
+    """An option that is also accepted under the names it had before (--hf, --mlx, --peft, --base,
+    --quantize); --help and error messages show only the current name."""
+    action = parser.add_argument(name, *old_names, **kwargs)
+    action.option_strings = [name]
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m convert", description=__doc__.splitlines()[0],
                                      epilog="docs/convert.md documents every subcommand.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="SUBCOMMAND")
+    out_help = "output folder (written atomically)"
 
     p = sub.add_parser("hf-to-mlx", help="HF checkpoint -> MLX checkpoint")
-    p.add_argument("--hf", required=True, help="HF folder (config.json + safetensors or pytorch_model.bin)")
-    p.add_argument("--out", required=True, help="output folder (written atomically)")
+    _flag(p, "--model", "--hf", required=True, help="HF folder (config.json + safetensors or pytorch_model.bin)")
+    p.add_argument("--out", required=True, help=out_help)
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default=None, help="cast (default: keep)")
-    p.add_argument("--quantize", type=int, choices=(8, 4), default=None, metavar="{8,4}",
-                   help="quantize to 8 or 4 bits")
+    _flag(p, "--bits", "--quantize", type=int, choices=(8, 4), default=None, help="quantize to 8 or 4 bits")
     p.add_argument("--group-size", type=int, choices=(32, 64, 128), default=64, help="quantization group (default 64)")
     p.set_defaults(run=hf_to_mlx)
 
     p = sub.add_parser("mlx-to-hf", help="MLX checkpoint -> HF folder (dequantizes)")
-    p.add_argument("--mlx", required=True, help="MLX checkpoint folder")
-    p.add_argument("--out", required=True, help="output folder (written atomically)")
+    _flag(p, "--model", "--mlx", required=True, help="MLX checkpoint folder")
+    p.add_argument("--out", required=True, help=out_help)
     p.set_defaults(run=mlx_to_hf)
 
     p = sub.add_parser("adapters-to-peft", help="MLX LoRA adapters -> PEFT adapter folder")
     p.add_argument("--adapters", required=True, help="folder with adapters.safetensors + adapter_config.json")
-    p.add_argument("--base", required=True, help="the base checkpoint the adapters were trained on (checked)")
-    p.add_argument("--out", required=True, help="output folder (written atomically)")
+    _flag(p, "--model", "--base", required=True, help="the base checkpoint the adapters were trained on (checked)")
+    p.add_argument("--out", required=True, help=out_help)
     p.set_defaults(run=adapters_to_peft)
 
     p = sub.add_parser("peft-to-adapters", help="PEFT LoRA adapter folder -> MLX LoRA adapters")
-    p.add_argument("--peft", required=True, help="folder with adapter_model.safetensors + adapter_config.json")
-    p.add_argument("--base", default=None, help="base checkpoint to check the target modules against")
-    p.add_argument("--out", required=True, help="output folder (written atomically)")
+    _flag(p, "--adapters", "--peft", required=True, help="folder with adapter_model.safetensors + adapter_config.json")
+    _flag(p, "--model", "--base", default=None, help="base checkpoint to check the target modules against")
+    p.add_argument("--out", required=True, help=out_help)
     p.set_defaults(run=peft_to_adapters)
 
     p = sub.add_parser("fuse", help="merge LoRA adapters (MLX or PEFT) into their base")
-    p.add_argument("--base", required=True, help="base checkpoint folder")
+    _flag(p, "--model", "--base", required=True, help="base checkpoint folder")
     p.add_argument("--adapters", required=True, help="MLX adapter folder or PEFT adapter folder")
     p.add_argument("--out", required=True, help="output checkpoint folder (written atomically)")
     p.add_argument("--dequantize", action="store_true", help="MLX: write a float model from a quantized base")
@@ -147,7 +158,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("to-onnx", help="HF checkpoint -> ONNX Runtime folder (int8) for --backend onnx")
     p.add_argument("--model", required=True, help="HF folder or hub id (float weights)")
-    p.add_argument("--out", required=True, help="output folder (written atomically)")
+    p.add_argument("--out", required=True, help=out_help)
     p.add_argument("--float32", action="store_true", help="keep float32 weights (default: 8-bit)")
     p.add_argument("--tokenizer", default=None, help="tokenizer folder if --model has none")
     p.set_defaults(run=to_onnx)

@@ -15,11 +15,11 @@ import re
 from pathlib import Path
 from typing import Optional, Union
 
+import mlx_t5  # noqa: I001  (first: it preloads OpenBLAS before mlx is imported)
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
-import mlx_t5
 from mlx_t5.lora import ADAPTER_FILE, CONFIG_FILE, fuse_lora, load_adapters, path_order
 from reformulation.constants import LORA_ATTENTION, LORA_FFN, LORA_LINEARS, LORA_PARENTS, lora_targets_label
 from reformulation.io import atomic_dir, read_json_object

@@ -9,7 +9,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Optional, Union
 
-import mlx_t5
+import mlx_t5  # noqa: I001  (first: it preloads OpenBLAS before mlx is imported)
 from mlx_t5.quantize import dequantize_model, quantize_model
 from mlx_t5.utils import DTYPES, load_config, load_model
 from mlx_t5.utils import model_args as mlx_model_args

@@ -15,6 +15,7 @@ import tempfile
 from pathlib import Path
 from typing import Callable, Optional, Union
 
+import mlx_t5  # noqa: F401, I001  (first: it preloads OpenBLAS before mlx is imported)
 import mlx.core as mx
 import numpy as np
 from mlx.utils import tree_flatten

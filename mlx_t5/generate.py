@@ -17,6 +17,7 @@ from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from reformulation.data import parse_subqueries
+from reformulation.engine import LIMITS, EngineError, check_options
 
 from .generation import generate
 from .utils import DTYPES, LoadError, load
@@ -29,11 +30,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", required=True, help="model folder (HF layout) or hub id")
     p.add_argument("--tokenizer", help="tokenizer folder or hub id, when the model folder has none")
     p.add_argument("--dtype", choices=list(DTYPES), help="compute dtype (default: the checkpoint's)")
-    p.add_argument("--beams", type=int, default=1, help="beam search width (1 = greedy or sampling)")
+    p.add_argument("--beams", type=int, default=1,
+                   help=f"beam search width (1 = greedy or sampling; at most {LIMITS.max_beams})")
     p.add_argument("-n", "--num-return-sequences", type=int, default=1, help="candidates per query")
-    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--max-new-tokens", type=int, default=64, help=f"at most {LIMITS.max_new_tokens}")
     p.add_argument("--length-penalty", type=float, default=1.0, help="beam search: score / length ** this")
-    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy; > 0 samples")
+    p.add_argument("--temperature", type=float, default=0.0,
+                   help=f"0 = greedy; > 0 samples (at most {LIMITS.max_temperature:g})")
     p.add_argument("--top-k", type=int, default=0, help="sample from the k most likely tokens (0 = all)")
     p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (1 = off)")
     p.add_argument("--seed", type=int, help="seed for sampling")
@@ -69,6 +72,10 @@ def main(argv=None) -> int:
         return fail("no queries: pass them as arguments or one per line on stdin")
     if args.batch_size < 1:
         return fail(f"--batch-size must be >= 1, got {args.batch_size}")
+    try:  # the bounds chat and the API have too
+        check_options(num_beams=args.beams, max_new_tokens=args.max_new_tokens, temperature=args.temperature)
+    except EngineError as e:
+        return fail(str(e))
     options = dict(max_new_tokens=args.max_new_tokens, num_beams=args.beams, length_penalty=args.length_penalty,
                    num_return_sequences=args.num_return_sequences, temperature=args.temperature,
                    top_k=args.top_k, top_p=args.top_p, seed=args.seed, raw=args.raw)

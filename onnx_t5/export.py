@@ -23,7 +23,7 @@ written out below with the model's own modules.
 
     from onnx_t5.export import export
     export("runs/base/final", "runs/base/onnx")            # int8; quantize=False keeps float32
-    python -m convert to-onnx runs/base/final runs/base/onnx
+    python -m convert to-onnx --model runs/base/final --out runs/base/onnx
 """
 
 import json

@@ -13,6 +13,7 @@ from typing import Callable, Iterator, Optional
 
 import numpy as np
 
+from reformulation.engine import first_line
 from reformulation.io import read_json_object
 
 from .export import FORMAT, MARKER, cache_names
@@ -58,7 +59,7 @@ class OnnxT5:
                 sessions.append(ort.InferenceSession(str(folder / name), options,
                                                      providers=["CPUExecutionProvider"]))
             except Exception as err:  # onnxruntime raises its own exception types
-                raise OnnxLoadError(f"{folder / name}: onnxruntime cannot load it ({_first_line(err)})") from None
+                raise OnnxLoadError(f"{folder / name}: onnxruntime cannot load it ({first_line(err)})") from None
         self.encoder, self.decoder = sessions
         self._cross, self._past = cache_names(self.layers, "cross"), cache_names(self.layers, "past")
 
@@ -169,11 +170,6 @@ def _read_json(path: Path) -> dict:
     return read_json_object(path, "a folder written by `python -m convert to-onnx`", OnnxLoadError)
 
 
-def _first_line(err: BaseException) -> str:
-    text = str(err).strip()
-    return text.splitlines()[0] if text else type(err).__name__
-
-
 def is_onnx_folder(path) -> bool:
     return (Path(path).expanduser() / MARKER).is_file()
 
@@ -189,7 +185,7 @@ def load(folder, threads: int = 1, tokenizer: Optional[str] = None):
     try:
         tok = AutoTokenizer.from_pretrained(tokenizer or str(folder))
     except (OSError, ValueError) as err:
-        raise OnnxLoadError(f"{tokenizer or folder}: no tokenizer ({_first_line(err)})") from None
+        raise OnnxLoadError(f"{tokenizer or folder}: no tokenizer ({first_line(err)})") from None
     return model, tok
 
 

@@ -70,7 +70,7 @@ def ending_model(shape: str, int8: bool, batch):
     does becomes EOS's twin (its head row, scaled up 5%), so EOS wins wherever that token would have."""
     model = make_model(shape, seed=1)
     if int8:
-        from torch_t5.quantize import quantize_model
+        from torch_t5.int8 import quantize_model
 
         quantize_model(model)
     generated = hf_generate(model, batch, max_new_tokens=24)[:, 1:]

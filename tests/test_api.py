@@ -16,8 +16,8 @@ import httpx
 import pytest
 import uvicorn
 
-from api import Batcher, Limits, create_app
-from backends import Backend, make_backend
+from serving.api import Batcher, Limits, create_app
+from serving.backends import Engine, make_backend
 from hf_models import save_model
 from reformulation.data import parse_subqueries
 
@@ -204,7 +204,7 @@ def test_schema_and_server_agree(server, body, valid):
 
 def test_blank_pattern_knows_every_whitespace():
     """api.WHITESPACE (the schema's non-blank pattern) scans the BMP only: no White_Space character is beyond."""
-    from api import WHITESPACE
+    from serving.api import WHITESPACE
 
     assert WHITESPACE == "".join(c for c in map(chr, range(sys.maxunicode + 1)) if c.isspace())
 
@@ -268,7 +268,7 @@ def test_413_without_reading_for_a_client_that_waits_for_100_continue(server):
 def test_body_limit_stops_dropping_at_its_bound():
     """A body past max_discard_bytes is not read to its end: 413 with Connection: close once the bound is
     passed (an endless body would otherwise hold the connection)."""
-    from api import BodyLimit
+    from serving.api import BodyLimit
 
     received, sent = [0], []
 
@@ -362,7 +362,7 @@ def test_50_concurrent_clients_onnx(model_dir):
         burst_of_50(client, app, backend)
 
 
-class SlowBackend(Backend):
+class SlowBackend(Engine):
     """Fault injection for timeouts and shutdown: the real backend, `delay` seconds late."""
 
     def __init__(self, inner, delay):

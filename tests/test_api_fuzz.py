@@ -20,8 +20,8 @@ from hypothesis import settings
 from schemathesis.checks import CHECKS, load_all_checks
 from schemathesis.config import SchemathesisConfig
 
-from api import Limits, create_app
-from backends import make_backend
+from serving.api import Limits, create_app
+from serving.backends import make_backend
 from hf_models import save_model
 
 SEED = 20261202

@@ -8,8 +8,8 @@ from dataclasses import replace
 import httpx
 import pytest
 
-from api import create_app
-from backends import Backend, make_backend
+from serving.api import create_app
+from serving.backends import Engine, make_backend
 from hf_models import save_model
 from reformulation.data import parse_subqueries
 from test_api import LIMITS, MAX_NEW, QUERIES, serve
@@ -93,7 +93,7 @@ def test_schema(client):
     assert request["required"] == ["query"] and "queries" not in request["properties"]
 
 
-class StreamFaults(Backend):
+class StreamFaults(Engine):
     """The real backend with `delay` seconds before each streamed piece (and before each generate), or a
     stream failing after its first piece."""
 
@@ -107,9 +107,9 @@ class StreamFaults(Backend):
         time.sleep(self.delay)
         return self.inner._generate(*args)
 
-    def _stream(self, query, max_new_tokens, temperature):
+    def _stream(self, query, options):
         try:
-            for piece in self.inner._stream(query, max_new_tokens, temperature):
+            for piece in self.inner._stream(query, options):
                 time.sleep(self.delay)
                 if self.fail and self.pieces:
                     raise RuntimeError("injected failure")

@@ -1,9 +1,9 @@
-"""backends.py: the one interface chat.py and api.py serve through, on a tiny random-init T5."""
+"""serving.backends and the engines: the one interface chat.py and api.py serve through, on a tiny random-init T5."""
 
 import numpy as np
 import pytest
 
-from backends import BackendError, default_backend, make_backend
+from serving.backends import EngineError, default_backend, make_backend
 from hf_models import save_model
 
 QUERIES = ["Who lived longer, Nikola Tesla or Milutin Milankovic?", "What is the capital of France?"]
@@ -66,13 +66,13 @@ def test_parameter_count_is_the_float_models(model_dir, mlx_backend, tmp_path, t
 def test_mlx_ignore_eos_and_options(mlx_backend):
     out = mlx_backend.generate(QUERIES, max_new_tokens=5, ignore_eos=True)
     assert [len(mlx_backend.tokenizer(t, add_special_tokens=False)["input_ids"]) for t in out] == [5, 5]
-    with pytest.raises(BackendError, match="num_beams must be an integer >= 1"):
+    with pytest.raises(EngineError, match="num_beams must be an integer >= 1"):
         mlx_backend.generate(QUERIES, num_beams=0)
-    with pytest.raises(BackendError, match="do not mix"):
+    with pytest.raises(EngineError, match="do not mix"):
         mlx_backend.generate(QUERIES, num_beams=2, temperature=0.5)
-    with pytest.raises(BackendError, match="not one string"):
+    with pytest.raises(EngineError, match="not one string"):
         mlx_backend.generate(QUERIES[0])
-    with pytest.raises(BackendError, match="query 1 is empty"):
+    with pytest.raises(EngineError, match="query 1 is empty"):
         mlx_backend.generate([QUERIES[0], "  "])
 
 
@@ -99,18 +99,18 @@ def test_mlx_adapter_folder_is_fused_on_load(model_dir, mlx_backend, tmp_path):
 
 
 def test_load_errors_are_backend_errors(model_dir, tmp_path):
-    with pytest.raises(BackendError, match="no config.json"):
+    with pytest.raises(EngineError, match="no config.json"):
         make_backend("mlx").load(tmp_path)
     (tmp_path / "quantization.json").write_text("{}")
-    with pytest.raises(BackendError, match="--backend torch-int8"):
+    with pytest.raises(EngineError, match="--backend torch-int8"):
         make_backend("torch").load(tmp_path)
-    with pytest.raises(BackendError, match="unknown backend 'tensorrt'"):
+    with pytest.raises(EngineError, match="unknown backend 'tensorrt'"):
         make_backend("tensorrt")
-    with pytest.raises(BackendError, match="torch int8 weights"):
+    with pytest.raises(EngineError, match="torch int8 weights"):
         make_backend("onnx").load(tmp_path)
-    with pytest.raises(BackendError, match="dtype 'bfloat16' does not apply"):
+    with pytest.raises(EngineError, match="dtype 'bfloat16' does not apply"):
         make_backend("onnx").load(model_dir, dtype="bfloat16")
-    with pytest.raises(BackendError, match="no model loaded"):
+    with pytest.raises(EngineError, match="no model loaded"):
         make_backend("mlx").generate(QUERIES)
     import platform
     import sys
@@ -119,3 +119,41 @@ def test_load_errors_are_backend_errors(model_dir, tmp_path):
 
     apple = sys.platform == "darwin" and platform.machine() == "arm64"
     assert default_backend() == ("mlx" if apple else "torch" if torch.cuda.is_available() else "onnx")
+
+
+@pytest.mark.parametrize("name", ["mlx", "torch-int8", "onnx"])
+def test_set_threads_changes_what_describe_reports(model_dir, mlx_backend, name):
+    """set_threads is part of every engine's contract: the library's thread count changes, answers do not."""
+    import torch
+
+    from mlx_t5 import blas
+
+    backend = mlx_backend if name == "mlx" else make_backend(name).load(model_dir)
+    key = {"mlx": "blas_threads", "torch-int8": "torch_threads", "onnx": "onnxruntime_threads"}[name]
+    if name == "mlx" and blas.get_threads() is None:
+        pytest.skip("no OpenBLAS under MLX here: MLX's own CPU ops have no thread setting")
+    before, want = backend.describe()[key], backend.generate(QUERIES, max_new_tokens=8)
+    torch_threads = torch.get_num_threads()
+    try:
+        backend.set_threads(2)
+        assert backend.describe()[key] == 2
+        assert backend.generate(QUERIES, max_new_tokens=8) == want
+        with pytest.raises(EngineError, match="threads"):
+            backend.set_threads(0)
+    finally:
+        backend.set_threads(before)
+        torch.set_num_threads(torch_threads)
+
+
+def test_decoding_limits_are_the_shared_ones(mlx_backend):
+    from reformulation.engine import LIMITS
+
+    assert mlx_backend.generate(QUERIES[:1], num_beams=LIMITS.max_beams, max_new_tokens=2)
+    with pytest.raises(EngineError, match=f"num_beams must be an integer >= 1 and <= {LIMITS.max_beams}"):
+        mlx_backend.generate(QUERIES, num_beams=LIMITS.max_beams + 1)
+    with pytest.raises(EngineError, match=f"max_new_tokens must be an integer >= 1 and <= {LIMITS.max_new_tokens}"):
+        list(mlx_backend.stream(QUERIES[0], max_new_tokens=LIMITS.max_new_tokens + 1))
+    with pytest.raises(EngineError, match="temperature must be a number >= 0 and <= 2"):
+        mlx_backend.generate(QUERIES, temperature=LIMITS.max_temperature + 0.5)
+    with pytest.raises(EngineError, match="unexpected keyword argument 'beams'"):
+        mlx_backend.generate(QUERIES, beams=2)

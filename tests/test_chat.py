@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from backends import make_backend
+from serving.backends import make_backend
 from hf_models import save_model
 from reformulation.data import parse_subqueries
 

@@ -58,8 +58,8 @@ def with_random_adapters(model, targets="all", seed=0):
 @pytest.mark.parametrize("shape", ["v1-relu-tied", "odd-heads"])
 def test_hf_mlx_hf_round_trip_is_bit_exact(hf_dirs, tmp_path, capsys, shape):
     src = hf_dirs[shape]
-    assert run(capsys, "hf-to-mlx", "--hf", src, "--out", tmp_path / "mlx")[0] == 0
-    rc, out = run(capsys, "mlx-to-hf", "--mlx", tmp_path / "mlx", "--out", tmp_path / "hf")
+    assert run(capsys, "hf-to-mlx", "--model", src, "--out", tmp_path / "mlx")[0] == 0
+    rc, out = run(capsys, "mlx-to-hf", "--model", tmp_path / "mlx", "--out", tmp_path / "hf")
     assert rc == 0 and "wrote" in out
     a, b = load_file(src / "model.safetensors"), load_file(tmp_path / "hf" / "model.safetensors")
     assert set(a) == set(b)
@@ -79,16 +79,16 @@ def test_pytorch_bin_source_and_bfloat16_cast(hf_dirs, tmp_path, capsys):
     # config.json as saved (transformers 5 reports tie_word_embeddings=True on the loaded config of an untied model)
     (legacy / "config.json").write_bytes((hf_dirs["odd-heads"] / "config.json").read_bytes())
     torch.save(hf.state_dict(), legacy / "pytorch_model.bin")  # with the embed_tokens aliases, as old files have
-    assert run(capsys, "hf-to-mlx", "--hf", legacy, "--out", tmp_path / "fp32")[0] == 0
+    assert run(capsys, "hf-to-mlx", "--model", legacy, "--out", tmp_path / "fp32")[0] == 0
     model, _ = mlx_t5.load(tmp_path / "fp32", tokenizer=str(hf_dirs["odd-heads"]))
     assert np.abs(mlx_logits(model) - hf_logits(hf.eval())).max() <= 1e-4
 
-    assert run(capsys, "hf-to-mlx", "--hf", legacy, "--out", tmp_path / "bf16", "--dtype", "bfloat16")[0] == 0
+    assert run(capsys, "hf-to-mlx", "--model", legacy, "--out", tmp_path / "bf16", "--dtype", "bfloat16")[0] == 0
     weights = mx.load(str(tmp_path / "bf16" / "model.safetensors"))
     assert {v.dtype for v in weights.values()} == {mx.bfloat16}
     assert np.array_equal(np.array(weights["shared.weight"].astype(mx.float32)),
                           hf.shared.weight.detach().bfloat16().float().numpy())
-    assert run(capsys, "mlx-to-hf", "--mlx", tmp_path / "bf16", "--out", tmp_path / "hf_bf16")[0] == 0
+    assert run(capsys, "mlx-to-hf", "--model", tmp_path / "bf16", "--out", tmp_path / "hf_bf16")[0] == 0
     back = T5ForConditionalGeneration.from_pretrained(tmp_path / "hf_bf16", dtype=torch.bfloat16)
     assert back.shared.weight.dtype == torch.bfloat16
 
@@ -96,7 +96,7 @@ def test_pytorch_bin_source_and_bfloat16_cast(hf_dirs, tmp_path, capsys):
 @pytest.mark.parametrize("bits, bound", [(8, 0.02), (4, 0.3)])
 def test_quantized_mlx_checkpoint_and_back_to_hf(hf_dirs, tmp_path, capsys, bits, bound):
     src = hf_dirs["odd-heads"]
-    rc, out = run(capsys, "hf-to-mlx", "--hf", src, "--out", tmp_path / "q", "--quantize", bits, "--group-size", 32)
+    rc, out = run(capsys, "hf-to-mlx", "--model", src, "--out", tmp_path / "q", "--bits", bits, "--group-size", 32)
     assert rc == 0 and f"{bits}-bit" in out
     assert json.loads((tmp_path / "q" / "config.json").read_text())["quantization"] == {"group_size": 32, "bits": bits}
     quantized, _ = mlx_t5.load(tmp_path / "q")
@@ -105,11 +105,25 @@ def test_quantized_mlx_checkpoint_and_back_to_hf(hf_dirs, tmp_path, capsys, bits
     err = np.linalg.norm(q_logits - reference) / np.linalg.norm(reference)
     assert 0 < err < bound, err
 
-    assert run(capsys, "mlx-to-hf", "--mlx", tmp_path / "q", "--out", tmp_path / "hf")[0] == 0
+    assert run(capsys, "mlx-to-hf", "--model", tmp_path / "q", "--out", tmp_path / "hf")[0] == 0
     config = json.loads((tmp_path / "hf" / "config.json").read_text())
     assert "quantization" not in config
     dequantized = T5ForConditionalGeneration.from_pretrained(tmp_path / "hf").eval()
     assert np.abs(hf_logits(dequantized) - q_logits).max() <= 1e-4
+
+
+def test_old_flag_names_still_work_unlisted(hf_dirs, tmp_path, capsys):
+    """--hf, --mlx, --quantize (and --peft, --base) were the flags before --model / --adapters / --bits."""
+    src = hf_dirs["odd-heads"]
+    assert run(capsys, "hf-to-mlx", "--hf", src, "--out", tmp_path / "q", "--quantize", 8, "--group-size", 32)[0] == 0
+    assert json.loads((tmp_path / "q" / "config.json").read_text())["quantization"] == {"group_size": 32, "bits": 8}
+    assert run(capsys, "mlx-to-hf", "--mlx", tmp_path / "q", "--out", tmp_path / "hf")[0] == 0
+    for command, old in [("hf-to-mlx", ("--hf", "--quantize")), ("fuse", ("--base",)),
+                         ("peft-to-adapters", ("--peft", "--base"))]:
+        with pytest.raises(SystemExit):
+            main([command, "--help"])
+        shown = capsys.readouterr().out
+        assert "--model" in shown and not [flag for flag in old if flag in shown], shown
 
 
 # ---------------------------------------------------------------- adapters
@@ -122,7 +136,7 @@ def test_mlx_adapters_to_peft_give_the_same_logits(hf_dirs, tmp_path, capsys):
     model, _ = mlx_t5.load(src)
     with_random_adapters(model, targets="all")
     save_adapters(model, tmp_path / "mlx_adapters", {"base_model": str(src)})
-    rc, out = run(capsys, "adapters-to-peft", "--adapters", tmp_path / "mlx_adapters", "--base", src,
+    rc, out = run(capsys, "adapters-to-peft", "--adapters", tmp_path / "mlx_adapters", "--model", src,
                   "--out", tmp_path / "peft")
     assert rc == 0 and "r=4" in out
     config = json.loads((tmp_path / "peft" / "adapter_config.json").read_text())
@@ -132,7 +146,7 @@ def test_mlx_adapters_to_peft_give_the_same_logits(hf_dirs, tmp_path, capsys):
     assert np.abs(hf_logits(peft_model) - mlx_logits(model)).max() <= 1e-4
 
     # and back: the same tensors bit for bit
-    rc, _ = run(capsys, "peft-to-adapters", "--peft", tmp_path / "peft", "--base", src, "--out", tmp_path / "back")
+    rc, _ = run(capsys, "peft-to-adapters", "--adapters", tmp_path / "peft", "--model", src, "--out", tmp_path / "back")
     assert rc == 0
     a = mx.load(str(tmp_path / "mlx_adapters" / "adapters.safetensors"))
     b = mx.load(str(tmp_path / "back" / "adapters.safetensors"))
@@ -167,7 +181,7 @@ def torch_trained_peft(hf_dirs, tmp_path_factory):
 
 def test_torch_trained_peft_adapter_runs_in_mlx(hf_dirs, torch_trained_peft, tmp_path, capsys):
     peft_dir, expected = torch_trained_peft
-    rc, out = run(capsys, "peft-to-adapters", "--peft", peft_dir, "--out", tmp_path / "mlx")
+    rc, out = run(capsys, "peft-to-adapters", "--adapters", peft_dir, "--out", tmp_path / "mlx")
     assert rc == 0 and "scale=4" in out
     model, _ = mlx_t5.load(hf_dirs["odd-heads"])
     load_adapters(model, tmp_path / "mlx")
@@ -176,7 +190,7 @@ def test_torch_trained_peft_adapter_runs_in_mlx(hf_dirs, torch_trained_peft, tmp
 
 def test_fuse_peft_adapter_equals_unfused(hf_dirs, torch_trained_peft, tmp_path, capsys):
     peft_dir, expected = torch_trained_peft
-    rc, out = run(capsys, "fuse", "--base", hf_dirs["odd-heads"], "--adapters", peft_dir, "--out", tmp_path / "fused")
+    rc, out = run(capsys, "fuse", "--model", hf_dirs["odd-heads"], "--adapters", peft_dir, "--out", tmp_path / "fused")
     assert rc == 0 and "peft adapters merged" in out
     fused = T5ForConditionalGeneration.from_pretrained(tmp_path / "fused").eval()
     assert not any("lora" in k for k in fused.state_dict())
@@ -189,7 +203,7 @@ def test_fuse_mlx_adapters_equals_unfused(hf_dirs, tmp_path, capsys, quantized):
     src = hf_dirs["v1-relu-tied"]
     base = src
     if quantized:  # QLoRA: adapters on a 8-bit base, fused into a float model
-        rc, _ = run(capsys, "hf-to-mlx", "--hf", src, "--out", tmp_path / "q8", "--quantize", 8, "--group-size", 32)
+        rc, _ = run(capsys, "hf-to-mlx", "--model", src, "--out", tmp_path / "q8", "--bits", 8, "--group-size", 32)
         assert rc == 0
         base = tmp_path / "q8"
     model, _ = mlx_t5.load(base)
@@ -197,7 +211,7 @@ def test_fuse_mlx_adapters_equals_unfused(hf_dirs, tmp_path, capsys, quantized):
     expected = mlx_logits(model)
     save_adapters(model, tmp_path / "adapters")
     extra = ["--dequantize"] if quantized else []
-    rc, out = run(capsys, "fuse", "--base", base, "--adapters", tmp_path / "adapters", "--out", tmp_path / "fused",
+    rc, out = run(capsys, "fuse", "--model", base, "--adapters", tmp_path / "adapters", "--out", tmp_path / "fused",
                   *extra)
     assert rc == 0 and "mlx adapters merged" in out
     fused, _ = mlx_t5.load(tmp_path / "fused")
@@ -221,27 +235,27 @@ def error(capsys, *argv) -> str:
 def test_checkpoint_errors(hf_dirs, tmp_path, capsys):
     src = hf_dirs["v1-relu-tied"]
     out = tmp_path / "out"
-    assert "no such folder" in error(capsys, "hf-to-mlx", "--hf", tmp_path / "nope", "--out", out)
+    assert "no such folder" in error(capsys, "hf-to-mlx", "--model", tmp_path / "nope", "--out", out)
     (tmp_path / "empty").mkdir()
-    assert "no config.json" in error(capsys, "hf-to-mlx", "--hf", tmp_path / "empty", "--out", out)
+    assert "no config.json" in error(capsys, "hf-to-mlx", "--model", tmp_path / "empty", "--out", out)
 
     broken = tmp_path / "broken"
     broken.mkdir()
     (broken / "config.json").write_text("{not json")
-    assert "invalid JSON" in error(capsys, "mlx-to-hf", "--mlx", broken, "--out", out)
+    assert "invalid JSON" in error(capsys, "mlx-to-hf", "--model", broken, "--out", out)
     (broken / "config.json").write_text(json.dumps({"model_type": "bart"}))
-    assert "'bart' is not a T5 model" in error(capsys, "hf-to-mlx", "--hf", broken, "--out", out)
+    assert "'bart' is not a T5 model" in error(capsys, "hf-to-mlx", "--model", broken, "--out", out)
     (broken / "config.json").write_text((src / "config.json").read_text())
-    assert "no model.safetensors" in error(capsys, "hf-to-mlx", "--hf", broken, "--out", out)
+    assert "no model.safetensors" in error(capsys, "hf-to-mlx", "--model", broken, "--out", out)
     (broken / "model.safetensors").write_bytes(b"\x00" * 64)
-    assert "not a readable safetensors file" in error(capsys, "hf-to-mlx", "--hf", broken, "--out", out)
+    assert "not a readable safetensors file" in error(capsys, "hf-to-mlx", "--model", broken, "--out", out)
 
     weights = load_file(src / "model.safetensors")
     odd = dict(weights, **{"encoder.block.0.layer.0.SelfAttention.extra.weight": np.zeros((2, 2), np.float32)})
     del odd["decoder.final_layer_norm.weight"]
     odd["encoder.final_layer_norm.weight"] = np.ones(65, np.float32)
     save_file(odd, str(broken / "model.safetensors"), metadata={"format": "pt"})
-    message = error(capsys, "hf-to-mlx", "--hf", broken, "--out", out)
+    message = error(capsys, "hf-to-mlx", "--model", broken, "--out", out)
     assert "unknown tensors (1): encoder.block.0.layer.0.SelfAttention.extra.weight" in message
     assert "missing tensors (1): decoder.final_layer_norm.weight" in message
     assert "encoder.final_layer_norm.weight (65,) != (64,)" in message
@@ -250,38 +264,38 @@ def test_checkpoint_errors(hf_dirs, tmp_path, capsys):
     save_file(untied, str(broken / "model.safetensors"), metadata={"format": "pt"})
     config = json.loads((hf_dirs["odd-heads"] / "config.json").read_text())
     (broken / "config.json").write_text(json.dumps(dict(config, tie_word_embeddings=True)))
-    assert "has its own lm_head.weight" in error(capsys, "hf-to-mlx", "--hf", broken, "--out", out)
+    assert "has its own lm_head.weight" in error(capsys, "hf-to-mlx", "--model", broken, "--out", out)
 
-    assert "output folder is the input folder" in error(capsys, "mlx-to-hf", "--mlx", src, "--out", src)
+    assert "output folder is the input folder" in error(capsys, "mlx-to-hf", "--model", src, "--out", src)
     assert not out.exists()
 
 
 def test_adapter_errors(hf_dirs, tmp_path, capsys, tokenizer_dir):
     src = hf_dirs["v1-relu-tied"]
     out = tmp_path / "out"
-    assert "no adapter_config.json" in error(capsys, "adapters-to-peft", "--adapters", tmp_path, "--base", src,
+    assert "no adapter_config.json" in error(capsys, "adapters-to-peft", "--adapters", tmp_path, "--model", src,
                                              "--out", out)
     # trained on a 3-layer decoder, applied to a 2-layer one: decoder.block.2 does not exist in the base
     deep = save_model("deep-decoder", tmp_path / "deep", tokenizer_dir, d_model=64, d_kv=16, num_heads=4)
     model, _ = mlx_t5.load(deep)
     with_random_adapters(model, targets="qv")
     save_adapters(model, tmp_path / "deep_adapters")
-    message = error(capsys, "adapters-to-peft", "--adapters", tmp_path / "deep_adapters", "--base", src, "--out", out)
+    message = error(capsys, "adapters-to-peft", "--adapters", tmp_path / "deep_adapters", "--model", src, "--out", out)
     assert "modules that" in message and "decoder.block.2.layer.0.SelfAttention.q" in message
-    assert "decoder.block.2" in error(capsys, "fuse", "--base", src, "--adapters", tmp_path / "deep_adapters",
+    assert "decoder.block.2" in error(capsys, "fuse", "--model", src, "--adapters", tmp_path / "deep_adapters",
                                       "--out", out)
 
     # right modules, wrong sizes: odd-heads adapters (d_model 96) on a d_model 64 base
     model, _ = mlx_t5.load(hf_dirs["odd-heads"])
     with_random_adapters(model, targets="qv")
     save_adapters(model, tmp_path / "wide")
-    message = error(capsys, "adapters-to-peft", "--adapters", tmp_path / "wide", "--base", src, "--out", out)
+    message = error(capsys, "adapters-to-peft", "--adapters", tmp_path / "wide", "--model", src, "--out", out)
     assert "adapter shapes do not match" in message and "in=96" in message
 
     (tmp_path / "wide" / "adapters.safetensors").unlink()
     assert "no adapters.safetensors" in error(capsys, "adapters-to-peft", "--adapters", tmp_path / "wide",
-                                              "--base", src, "--out", out)
-    assert "neither adapters.safetensors" in error(capsys, "fuse", "--base", src, "--adapters", tmp_path / "wide",
+                                              "--model", src, "--out", out)
+    assert "neither adapters.safetensors" in error(capsys, "fuse", "--model", src, "--adapters", tmp_path / "wide",
                                                    "--out", out)
     assert not out.exists()
 
@@ -296,23 +310,23 @@ def test_peft_errors(hf_dirs, torch_trained_peft, tmp_path, capsys):
     save_file(tensors, str(bad / "adapter_model.safetensors"))
 
     (bad / "adapter_config.json").write_text(json.dumps(dict(config, use_dora=True)))
-    assert "use_dora=True" in error(capsys, "peft-to-adapters", "--peft", bad, "--out", out)
+    assert "use_dora=True" in error(capsys, "peft-to-adapters", "--adapters", bad, "--out", out)
     (bad / "adapter_config.json").write_text(json.dumps(dict(config, peft_type="IA3")))
-    assert "only LORA" in error(capsys, "peft-to-adapters", "--peft", bad, "--out", out)
+    assert "only LORA" in error(capsys, "peft-to-adapters", "--adapters", bad, "--out", out)
 
     (bad / "adapter_config.json").write_text(json.dumps(config))
     extra = dict(tensors, **{"base_model.model.shared.lora_embedding_A": np.zeros((4, 8), np.float32)})
     save_file(extra, str(bad / "adapter_model.safetensors"))
-    assert "unknown tensors" in error(capsys, "peft-to-adapters", "--peft", bad, "--out", out)
+    assert "unknown tensors" in error(capsys, "peft-to-adapters", "--adapters", bad, "--out", out)
 
     head = dict(tensors, **{"base_model.model.lm_head.lora_A.weight": np.zeros((4, 96), np.float32),
                             "base_model.model.lm_head.lora_B.weight": np.zeros((32128, 4), np.float32)})
     save_file(head, str(bad / "adapter_model.safetensors"))
-    assert "LoRA on lm_head" in error(capsys, "peft-to-adapters", "--peft", bad, "--out", out)
+    assert "LoRA on lm_head" in error(capsys, "peft-to-adapters", "--adapters", bad, "--out", out)
 
     # an odd-heads adapter checked against the d_model 64 base
     save_file(tensors, str(bad / "adapter_model.safetensors"))
-    assert "do not match" in error(capsys, "peft-to-adapters", "--peft", bad, "--base", hf_dirs["v1-relu-tied"],
+    assert "do not match" in error(capsys, "peft-to-adapters", "--adapters", bad, "--model", hf_dirs["v1-relu-tied"],
                                    "--out", out)
-    assert "do not match" in error(capsys, "fuse", "--base", hf_dirs["v1-relu-tied"], "--adapters", bad, "--out", out)
+    assert "do not match" in error(capsys, "fuse", "--model", hf_dirs["v1-relu-tied"], "--adapters", bad, "--out", out)
     assert not out.exists()

@@ -286,6 +286,13 @@ def test_cli_prints_numbered_subqueries(small, capsys):
     assert out.count("1.") >= 2
 
 
+def test_cli_refuses_options_beyond_the_shared_limits(capsys):
+    from reformulation.engine import LIMITS
+
+    assert cli_main(["--model", "unused", "--beams", str(LIMITS.max_beams + 1), "rain"]) == 2
+    assert f"num_beams must be an integer >= 1 and <= {LIMITS.max_beams}" in capsys.readouterr().err
+
+
 def test_cli_bad_model_is_one_red_line(tmp_path):
     not_a_model = tmp_path / "weights.bin"
     not_a_model.write_text("x")

@@ -1,4 +1,4 @@
-"""torch_t5.quantize (int8 dynamic, CPU) and torch_t5.infer (the torch serving backend) on tiny random T5s."""
+"""torch_t5.int8 and python -m torch_t5.quantize (int8 dynamic, CPU), torch_t5.infer (the torch engine) on tiny T5s."""
 
 import copy
 import json
@@ -8,7 +8,8 @@ import torch
 
 from hf_models import make_model, save_model
 from torch_t5 import infer
-from torch_t5.quantize import WEIGHTS_FILE, Int8Linear, QuantizeError, load_int8, main, quantize_model
+from torch_t5.int8 import WEIGHTS_FILE, Int8Linear, QuantizeError, load_int8, quantize_model
+from torch_t5.quantize import main
 
 QUERIES = [
     "Who lived longer, Nikola Tesla or Milutin Milankovic?",
@@ -42,11 +43,11 @@ def test_int8_linear_matches_float_linear():
 def test_int8_linear_rows_do_not_depend_on_their_batch(kernel, monkeypatch):
     """Each row is quantized on its own with either kernel: a row alone gives bit for bit what it gives
     inside a batch of very different rows (what lets the server batch requests without changing answers)."""
-    from torch_t5 import quantize
+    from torch_t5 import int8
 
-    if kernel == "fbgemm" and not quantize._FBGEMM:
+    if kernel == "fbgemm" and not int8._FBGEMM:
         pytest.skip("fbgemm is not this CPU's quantized engine (x86 only); the _int_mm case covers the path")
-    monkeypatch.setattr(quantize, "_FBGEMM", kernel == "fbgemm")
+    monkeypatch.setattr(int8, "_FBGEMM", kernel == "fbgemm")
     torch.manual_seed(0)
     linear = torch.nn.Linear(96, 40, bias=False)
     q = Int8Linear.from_linear(linear)

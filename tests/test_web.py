@@ -1,4 +1,4 @@
-"""The web page (web/) served by a real `python api.py` process with a tiny random-init T5, used in a real
+"""The web page (serving/web/) served by a real `python api.py` process with a tiny random-init T5, used in a real
 headless Chromium as a person would: type, press Enter, read; what it shows must equal the JSON API's
 answers. Skipped, with the reason, where no Chromium + chromedriver + selenium can be found (setup.sh
 installs them on Linux)."""
@@ -11,12 +11,12 @@ from dataclasses import replace
 import httpx
 import pytest
 
-from api import create_app
-from backends import make_backend
+from serving.api import create_app
+from serving.backends import make_backend
 from hf_models import QUERIES, save_model
 from test_api import LIMITS, serve
 from test_api_stream import StreamFaults
-from web.browser import BrowserUnavailable, Page, api_server, chromium
+from serving.web.browser import BrowserUnavailable, Page, api_server, chromium
 
 MAX_CHARS = 120  # --max-query-chars: an over-long question is quick to type
 MAX_NEW = 8  # random weights rarely emit EOS: keep every answer short

@@ -7,20 +7,8 @@
 Training: ``python -m torch_t5.train``; int8 for CPU serving: ``python -m torch_t5.quantize``.
 """
 
-import importlib
+from .infer import InferError, default_device, generate, load, stream_generate
+from .int8 import Int8Linear, QuantizeError, load_int8, quantize_model
 
-from .infer import InferError, default_device, generate, load
-
-# quantize is imported on first use: `python -m torch_t5.quantize` must find it not yet imported
-_LAZY = {"Int8Linear": "quantize", "QuantizeError": "quantize", "load_int8": "quantize", "quantize_checkpoint": "quantize",
-         "quantize_model": "quantize"}
-__all__ = ["InferError", "default_device", "generate", "load", *_LAZY]
-
-
-def __getattr__(name: str):
-    if name not in _LAZY:
-        raise AttributeError(f"module 'torch_t5' has no attribute {name!r}")
-    module = importlib.import_module(f".{_LAZY[name]}", __name__)
-    value = getattr(module, name)
-    globals()[name] = value
-    return value
+__all__ = ["InferError", "Int8Linear", "QuantizeError", "default_device", "generate", "load", "load_int8",
+           "quantize_model", "stream_generate"]

@@ -5,7 +5,7 @@ building, logits processors, ~15 small ops per int8 projection) than flan-t5-sma
 matmuls. This loop runs the same computation in fewer, larger operations: q/k/v and wi_0/wi_1 as one
 matmul each, the cross-attention K/V once per request, a preallocated self-attention cache, the
 decoder position bias built once. It returns what ``model.generate(num_beams=1, do_sample=False)``
-returns, for fp32 models and for the int8 models of ``torch_t5.quantize`` (whose fused projections
+returns, for fp32 models and for the int8 models of ``torch_t5.int8`` (whose fused projections
 are bit-identical: the activation scale of a row does not depend on which weights follow).
 
     from torch_t5.greedy import GreedyDecoder
@@ -23,7 +23,7 @@ from torch.nn import functional as F
 
 from reformulation.constants import decoder_output_scale
 
-from .quantize import Int8Linear
+from .int8 import Int8Linear
 
 
 # generation_config fields that make generate() add a logits processor this loop does not have
@@ -95,7 +95,7 @@ class _Layer:
 
 
 class GreedyDecoder:
-    """Greedy search for a T5ForConditionalGeneration in eval mode (fp32, or int8 from torch_t5.quantize).
+    """Greedy search for a T5ForConditionalGeneration in eval mode (fp32, or int8 from torch_t5.int8).
 
     Built once per model; holds views of its weights (fused copies of the small projections).
     Not thread safe: one decoder per worker thread.

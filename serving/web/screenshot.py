@@ -1,7 +1,7 @@
 """Screenshot of the web page for the docs: starts api.py on a model, asks questions in headless Chromium.
 
-    python -m web.screenshot --model runs/quickstart/best                  # -> docs/img/web.png
-    python -m web.screenshot --model runs/quickstart/best --phone /tmp/web-phone.png
+    python -m serving.web.screenshot --model runs/quickstart/best                  # -> docs/img/web.png
+    python -m serving.web.screenshot --model runs/quickstart/best --phone /tmp/web-phone.png
 
 The first question is answered greedily (streamed), the others with --beams; the picture shows the page
 after the last one, with the history of all of them.
@@ -11,14 +11,14 @@ import argparse
 import sys
 from pathlib import Path
 
-from web.browser import ROOT, BrowserUnavailable, Page, api_server, chromium
+from serving.web.browser import ROOT, BrowserUnavailable, Page, api_server, chromium
 
 QUESTIONS = ["Who lived longer, Nikola Tesla or Milutin Milankovic?",
              "Which is older, the Eiffel Tower or the Statue of Liberty?"]
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m web.screenshot", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m serving.web.screenshot", description=__doc__.splitlines()[0])
     parser.add_argument("--model", required=True, help="model folder served by api.py")
     parser.add_argument("--backend", default=None, help="api.py --backend (default: api.py's)")
     parser.add_argument("--out", type=Path, default=ROOT / "docs" / "img" / "web.png", help="PNG to write")
