@@ -10,11 +10,13 @@ Writes OUTPUT_DIR/{final,best,checkpoint}/, metrics.jsonl, curves.png, summary.j
 """
 
 import argparse
+import os
 import sys
 
 from reformulation.config import ConfigError, add_config_args, config_from_args, print_config
 from reformulation.data import DataError
 
+from .distributed import DistributedError
 from .utils import LoadError
 
 
@@ -41,7 +43,7 @@ def main(argv=None) -> int:
     from rich.markup import escape
 
     args = build_parser().parse_args(argv)
-    console, err = Console(), Console(stderr=True)
+    console, err = Console(quiet=os.environ.get("MLX_RANK", "0") != "0"), Console(stderr=True)  # rank 0 prints
 
     def fail(message: str, code: int = 2) -> int:
         err.print(f"[red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
@@ -56,7 +58,7 @@ def main(argv=None) -> int:
     print_config(cfg, console)
     try:
         Trainer(cfg, console).train()
-    except (ConfigError, DataError, LoadError, TrainError) as e:
+    except (ConfigError, DataError, DistributedError, LoadError, TrainError) as e:
         return fail(str(e))
     except KeyboardInterrupt as e:
         return fail(str(e) or "interrupted", 130)

@@ -12,6 +12,7 @@ runs the forward and backward passes in bfloat16 (weights cast inside the step),
 """
 
 import math
+import os
 import signal
 import time
 import warnings
@@ -35,6 +36,7 @@ from reformulation.reporting import MetricsLog, examples_table, plot_curves, rea
 from reformulation.recipe import task_tokenizer, training_examples
 from reformulation.run import BEST_DIR, FINAL_DIR, eval_indices, is_better
 
+from .distributed import World, file_digest
 from .generation import generate
 from .init import init_model
 from .lora import CONFIG_FILE as ADAPTER_CONFIG, adapter_config, adapter_weights, apply_lora, fuse_lora
@@ -407,6 +409,7 @@ class TrainState:
     tokens_seen: int = 0  # non-padding source + target tokens
     loss_sum: float = 0.0  # summed token losses, for the run's mean train loss
     loss_tokens: int = 0
+    world_size: int = 1  # data-parallel ranks (mlx.launch); a resume needs the same number
 
     def better(self, rouge_l: float, loss: float) -> bool:
         return is_better(rouge_l, loss, self.best_rouge_l, self.best_eval_loss)
@@ -523,6 +526,7 @@ class Trainer:
         self.out = Path(cfg.output_dir)
         self.stop_after = stop_after  # tests: behave as if killed right after this step
         self._stop_signal = None
+        self.world = World()
 
     # setup -----------------------------------------------------------------------------------------
 
@@ -558,7 +562,13 @@ class Trainer:
     # main ------------------------------------------------------------------------------------------
 
     def train(self) -> dict:
-        cfg, console = self.cfg, self.console
+        cfg = self.cfg
+        world = self.world = World.init(cfg.distributed_timeout)
+        if not world.is_main:  # rank 0 alone prints, evaluates and writes
+            from rich.console import Console
+
+            self.console = Console(quiet=True)
+        console = self.console
         compute_dtype = DTYPES[cfg.dtype]
         if cfg.resume == "auto":  # the run contract: this output folder's checkpoint, or a fresh start
             saved = self.out / "checkpoint"
@@ -586,9 +596,14 @@ class Trainer:
         per_epoch, total_steps = self._steps(len(train))
         optimizer = build_optimizer(cfg, total_steps)
         optimizer.init(model.trainable_parameters())
-        state = TrainState()
+        state = TrainState(world_size=world.size)
         if resume is not None:
             state = restore_checkpoint(resume, model, optimizer, cfg)
+        if resume is not None and state.world_size != world.size:
+            raise TrainError(f"{resume} was written by a run of {state.world_size} rank(s); resume it with the same "
+                             f"number (mlx.launch -n {state.world_size}), not {world.size}")
+        if world.size > 1:
+            self._join_world(state, tokenizer, resume)
         step_fn, micro_fn, apply_fn = make_step(model, optimizer, cfg.max_grad_norm, compute_dtype)
 
         trainable, total_params = (sum(v.size for _, v in tree_flatten(p))
@@ -609,10 +624,11 @@ class Trainer:
             console.print(f"[bold]resuming[/] {resume} at step {state.step:,} (epoch {state.epoch}, "
                           f"batch {state.batch_index})")
 
-        self.out.mkdir(parents=True, exist_ok=True)
-        cfg.save(self.out / "config.yaml")
-        metrics_path = self.out / "metrics.jsonl"
-        self._truncate_metrics(metrics_path, state.step if resume is not None else 0)
+        metrics_path = self.out / "metrics.jsonl" if world.is_main else Path(os.devnull)
+        if world.is_main:
+            self.out.mkdir(parents=True, exist_ok=True)
+            cfg.save(self.out / "config.yaml")
+            self._truncate_metrics(metrics_path, state.step if resume is not None else 0)
 
         ctx = dict(model=model, tokenizer=tokenizer, optimizer=optimizer, train=train, valid=valid,
                    total_steps=total_steps, per_epoch=per_epoch, base=base)
@@ -623,10 +639,13 @@ class Trainer:
                 if stopped == "killed":  # tests: as if the process died here
                     return {"stopped": "killed", "step": state.step}
                 if stopped == "signal":
-                    self._save_resume(ctx, state)
-                    raise KeyboardInterrupt(f"stopped by {self._stop_signal} at step {state.step}: checkpoint "
+                    if world.is_main:
+                        self._save_resume(ctx, state)
+                    raise KeyboardInterrupt(f"stopped by {self._stop_signal or 'another rank’s signal'} at step {state.step}: checkpoint "
                                             f"saved to {self.out / 'checkpoint'}; continue with --resume "
                                             f"{self.out / 'checkpoint'}")
+                if not world.is_main:  # rank 0 evaluates, saves and scores the test split alone
+                    return {"rank": world.rank, "total_steps": state.step}
                 final_eval = self._final_eval(ctx, state, log)
                 self._save_resume(ctx, state)
                 summary = self._finish(ctx, state, final_eval, test, stopped, log)
@@ -693,19 +712,8 @@ class Trainer:
                     epoch_order = epoch_batches(train.lengths, cfg.batch_size, cfg.seed, state.epoch)
                 group = epoch_order[state.batch_index: state.batch_index + cfg.grad_accum]
                 start = time.perf_counter()
-                batches = [train.batch(idx, model.args) for idx in group]
-                if len(batches) == 1:
-                    loss_sum, ntoks, grad_norm = step_fn(to_mx(batches[0]))
-                    mx.eval(loss_sum, ntoks, grad_norm, model.state, optimizer.state)
-                else:
-                    grads, loss_sum, ntoks = None, mx.array(0.0), mx.array(0)
-                    for batch in batches:
-                        ls, nt, g = micro_fn(to_mx(batch))
-                        grads = g if grads is None else tree_map(mx.add, grads, g)
-                        loss_sum, ntoks = loss_sum + ls, ntoks + nt
-                        mx.eval(grads, loss_sum, ntoks)
-                    grad_norm = apply_fn(grads, ntoks)
-                    mx.eval(grad_norm, model.state, optimizer.state)
+                votes = (self._stop_signal is not None, deadline is not None and time.perf_counter() > deadline)
+                loss_sum, ntoks, grad_norm, votes = self._step(ctx, group, votes, step_fn, micro_fn, apply_fn)
                 elapsed = time.perf_counter() - start
 
                 state.step += 1
@@ -748,18 +756,65 @@ class Trainer:
 
                 last = state.step == total_steps
                 if cfg.eval_every and state.step % cfg.eval_every == 0 and not last:
-                    self._evaluate_and_keep_best(ctx, state, log, progress)
-                if save_every and state.step % save_every == 0 and not last:
+                    if self.world.is_main:
+                        self._evaluate_and_keep_best(ctx, state, log, progress)
+                    self.world.barrier("rank 0's evaluation")
+                if save_every and state.step % save_every == 0 and not last and self.world.is_main:
                     self._save_resume(ctx, state)
                 if self.stop_after is not None and state.step >= self.stop_after:
                     return "killed"
-                if self._stop_signal is not None:
+                if self._stop_signal is not None if votes is None else votes[0]:
                     return "signal"
-                if deadline is not None and time.perf_counter() > deadline and not last:
+                if (deadline is not None and time.perf_counter() > deadline if votes is None else votes[1]) and not last:
                     console.print(f"[yellow]time budget of {cfg.max_minutes:g} min spent at step "
                                   f"{state.step:,}/{total_steps:,}: stopping[/]", soft_wrap=True)
                     return "time"
         return None
+
+    def _step(self, ctx, group: list, votes: tuple, step_fn, micro_fn, apply_fn):
+        """One optimizer step on the global batch `group` (its micro-batches); each data-parallel rank takes
+        its shard of every micro-batch, and the ranks' stop votes (signal, time) are summed with the step.
+        Returns (loss_sum, ntoks, grad_norm, votes); votes is None on a single process."""
+        model, optimizer, train, world = ctx["model"], ctx["optimizer"], ctx["train"], self.world
+        if world.size == 1 and len(group) == 1:
+            loss_sum, ntoks, grad_norm = step_fn(to_mx(train.batch(group[0], model.args)))
+            mx.eval(loss_sum, ntoks, grad_norm, model.state, optimizer.state)
+            return loss_sum, ntoks, grad_norm, None
+        grads, loss_sum, ntoks = None, mx.array(0.0), mx.array(0)
+        for idx in group:
+            ls, nt, g = micro_fn(to_mx(self._shard_batch(train, idx, model.args)))
+            grads = g if grads is None else tree_map(mx.add, grads, g)
+            loss_sum, ntoks = loss_sum + ls, ntoks + nt
+            mx.eval(grads, loss_sum, ntoks)
+        if world.size > 1:  # averaged gradients over the ranks' mean token count: the 1-rank update
+            loss_sum, ntoks, grads, votes = world.reduce_step(loss_sum, ntoks, grads, votes)
+            grad_norm = apply_fn(grads, ntoks / world.size)
+        else:
+            votes, grad_norm = None, apply_fn(grads, ntoks)
+        mx.eval(grad_norm, model.state, optimizer.state)
+        return loss_sum, ntoks, grad_norm, votes
+
+    def _shard_batch(self, train: TokenizedSplit, idx, args) -> dict:
+        """This rank's rows of a micro-batch; a rank left without rows gets one row whose labels are all
+        padding (no tokens, zero gradients), so every rank joins the all-reduce."""
+        rows = self.world.shard(idx)
+        if len(rows):
+            return train.batch(rows, args)
+        batch = train.batch(idx[:1], args)
+        batch["labels"][:] = -100
+        return batch
+
+    def _join_world(self, state: TrainState, tokenizer, resume: Optional[Path]):
+        """Data-parallel checks before the first step: the same number of ranks as the checkpoint, the same
+        job on every rank (config, data files, vocabulary, checkpoint), then per-rank dropout streams."""
+        world, cfg = self.world, self.cfg
+        facts = {f"config {k}": repr(v) for k, v in cfg.to_dict().items()}
+        facts |= {f"data file {i}": f"{path} (sha256 {file_digest(path)})" for i, path in enumerate(cfg.data, 1)}
+        facts["vocabulary"] = str(sorted(tokenizer.get_vocab().items()))
+        facts["checkpoint step"] = str(state.step if resume is not None else None)
+        world.agree(facts)
+        hi, lo = mx.random.state[0].tolist()  # rank 0 keeps the single-process stream; the others branch off it
+        mx.random.seed((((int(hi) << 32) | int(lo)) ^ (world.rank * 0x9E3779B97F4A7C15)) % 2**64)
 
     def _evaluate_and_keep_best(self, ctx, state: TrainState, log: MetricsLog, progress=None) -> dict:
         if not len(ctx["valid"]):

@@ -144,6 +144,8 @@ class TrainConfig:
                                                                        PRESET_DESCRIPTIONS.items()),
                                  choices=tuple(PRESETS))  # named in the metavar; unknown ones fail in validate
     resume: str | None = setting(None, "checkpoint folder to continue from, or auto: the latest in output_dir")
+    distributed_timeout: float = setting(300.0, "MLX data-parallel runs (mlx.launch): seconds a rank waits for the "
+                                         "others (rank 0's evals included) before stopping with an error", "> 0")
 
     @classmethod
     def from_dict(cls, values: dict, source: str = "config") -> "TrainConfig":
