@@ -44,6 +44,8 @@ def workdir(tmp_path_factory, full_jsonl):
     (root / "data-other.jsonl").write_text("".join(lines[:-1]) + lines[0])
     tok = save_word_tokenizer([e.source for e in rows] + [e.target for e in rows], root / "model")
     make_model("odd-heads", vocab_size=len(tok)).save_pretrained(root / "model")
+    save_word_tokenizer([e.source for e in rows] + [e.target for e in rows], root / "model-v1")
+    make_model("v1-relu-tied", vocab_size=len(tok)).save_pretrained(root / "model-v1")  # widths of 64: QLoRA groups
     return root
 
 
@@ -110,11 +112,12 @@ def weights(folder: Path, name: str) -> dict:
     return {k: np.array(v) for k, v in mx.load(str(folder / name)).items()}
 
 
-@pytest.mark.parametrize("mode", ["full", "lora"])
+@pytest.mark.parametrize("mode", ["full", "lora", "qlora"])
 def test_two_ranks_train_like_one_rank_on_the_same_global_batch(workdir, tmp_path, mode):
     """Batch 7 (shards of 4 and 3 rows, different padding) and an uneven last batch: losses of every step
     and the final weights agree within 1e-5 relative; rank 0 alone writes the run folder."""
-    extra = dict(lora=True, lora_targets="all", learning_rate=5e-3) if mode == "lora" else {}
+    extra = {"full": {}, "lora": dict(lora=True, lora_targets="all", learning_rate=5e-3),
+             "qlora": dict(lora=True, quantize_base=8, learning_rate=5e-3, model=str(workdir / "model-v1"))}[mode]
     single(settings(workdir, tmp_path / "one", **extra))
     done = launch(write_config(tmp_path / "two.yaml", settings(workdir, tmp_path / "two", **extra)))
     assert done.returncode == 0, done.stderr[-3000:]
@@ -124,8 +127,8 @@ def test_two_ranks_train_like_one_rank_on_the_same_global_batch(workdir, tmp_pat
     assert sorted(got) == list(range(1, 13))
     for step in want:
         assert got[step] == pytest.approx(want[step], rel=1e-5), f"step {step}"
-    name = "adapters.safetensors" if mode == "lora" else "model.safetensors"
-    folder = "adapter" if mode == "lora" and (tmp_path / "one" / "adapter").is_dir() else "final"
+    name = "model.safetensors" if mode == "full" else "adapters.safetensors"
+    folder = "adapter" if mode != "full" and (tmp_path / "one" / "adapter").is_dir() else "final"
     a, b = weights(tmp_path / "one" / folder, name), weights(tmp_path / "two" / folder, name)
     assert a.keys() == b.keys()
     for k in a:  # per tensor, in norm: Adam's m / sqrt(v) turns rounding of a ~0 gradient into a full step
