@@ -6,7 +6,8 @@
 
 Config precedence: defaults < --preset < --config FILE < flags. With --resume and no --config, the
 checkpoint's own config.yaml is the file layer, so flags (e.g. a larger --max-steps) still apply.
-Writes OUTPUT_DIR/{final,best,checkpoint}/, metrics.jsonl, curves.png, summary.json (see mlx_t5.trainer).
+Writes OUTPUT_DIR/{final,best,checkpoint}/ (LoRA: adapter/, and final/ with fuse), metrics.jsonl, curves.png,
+summary.json: the run contract of reformulation.run.
 """
 
 import argparse
@@ -29,7 +30,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def resolve_config(args: argparse.Namespace):
     """The validated config; a resume without --config reads the checkpoint's config.yaml."""
-    from .trainer import resume_folder
+    from .checkpoint import resume_folder
 
     if getattr(args, "resume", None) and args.config is None:
         folder = resume_folder(args.resume)
@@ -49,7 +50,7 @@ def main(argv=None) -> int:
         err.print(f"[red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
         return code
 
-    from .trainer import TrainError, Trainer
+    from .trainer import TrainError, train
 
     try:
         cfg = resolve_config(args)
@@ -57,7 +58,7 @@ def main(argv=None) -> int:
         return fail(str(e))
     print_config(cfg, console)
     try:
-        Trainer(cfg, console).train()
+        train(cfg, console)
     except (ConfigError, DataError, DistributedError, LoadError, TrainError) as e:
         return fail(str(e))
     except KeyboardInterrupt as e:

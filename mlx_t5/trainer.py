@@ -1,8 +1,11 @@
 """The MLX fine-tuning loop: batching, optimizer and schedule, compiled step, evaluation, checkpoints, resume.
 
-`Trainer(cfg).train()` runs a whole job from a validated `reformulation.config.TrainConfig`;
-`python -m mlx_t5.train` is its command line. The pieces are importable on their own (`epoch_batches`,
-`collate`, `build_optimizer`, `build_schedule`, `make_step`, `evaluate`) for tests and benchmarks.
+`train(cfg)` runs a whole job from a validated `reformulation.config.TrainConfig`; `python -m mlx_t5.train`
+is its command line. Read it top to bottom, as a recipe: batches, optimizer and schedule, model, the
+compiled step, evaluation, then the job: `build_run` (data, model, optimizer, restored state) gives a
+`Run`; `train_loop` steps it and calls its side jobs (`maybe_log`, `maybe_eval`, `maybe_save`,
+`should_stop`); `finish` saves, scores the test split and reports. Checkpoints and resume live in
+`mlx_t5.checkpoint`, data parallelism in `mlx_t5.distributed`, the output layout in `reformulation.run`.
 
 Numerics follow transformers + torch.optim.AdamW: token-weighted mean cross-entropy over labels != -100
 (also across gradient-accumulation micro-batches), AdamW with bias correction, decoupled weight decay that
@@ -16,7 +19,8 @@ import os
 import signal
 import time
 import warnings
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
+from enum import Enum
 from functools import partial
 from pathlib import Path
 from typing import Callable, Optional
@@ -25,39 +29,31 @@ import mlx.core as mx
 import mlx.nn as nn
 import mlx.optimizers as optim
 import numpy as np
-from mlx.utils import tree_flatten, tree_map, tree_map_with_path
+from mlx.utils import tree_flatten, tree_map
 
 from reformulation.config import TrainConfig
 from reformulation.constants import GROUP_SIZE
 from reformulation.data import DuplicateRowsWarning, Splits, load_examples, make_splits, shift_right, tokenize
-from reformulation.io import atomic_dir, atomic_write_json, atomic_write_text, read_json_object
+from reformulation.io import atomic_write_json
 from reformulation.metrics import score
-from reformulation.reporting import MetricsLog, examples_table, plot_curves, read_metrics, summary_table
+from reformulation.reporting import MetricsLog, examples_table, plot_curves, summary_table
 from reformulation.recipe import task_tokenizer, training_examples
-from reformulation.run import BEST_DIR, FINAL_DIR, eval_indices, is_better
+from reformulation.run import ADAPTER_DIR, BEST_DIR, CHECKPOINT_DIR, FINAL_DIR, drop_metrics_after, eval_indices
 
+from .checkpoint import TrainError, TrainState, adapter_meta, find_resume, learning_rate, restore_checkpoint
+from .checkpoint import save_checkpoint
 from .distributed import World, file_digest
 from .generation import generate
 from .init import init_model
-from .lora import CONFIG_FILE as ADAPTER_CONFIG, adapter_config, adapter_weights, apply_lora, fuse_lora
-from .lora import ADAPTER_FILE, load_adapters
+from .lora import ADAPTER_FILE, apply_lora, fuse_lora, load_adapters
 from .model import Block, Dropout, Model, loss_fn, summed_token_loss
 from .quantize import quantize_model
-from .utils import DTYPES, load, load_tokenizer, model_config, save
+from .utils import DTYPES, load, load_tokenizer, save
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_TOKENIZER = REPO_ROOT.parent / "shared" / "tokenizers" / "flan-t5-small"
 PAD_MULTIPLE = 8  # sequence lengths are padded up to multiples of this: few shapes, so few compilations
 SORT_WINDOW = 64  # batches per window sorted by length: little padding, the epoch stays shuffled
-# changing these between a checkpoint and its resume would change the data order or the model
-RESUME_KEYS = ("model", "init", "data", "split", "split_fractions", "sample_fraction", "normalize",
-               "max_source_length", "max_target_length", "batch_size", "grad_accum", "seed", "optimizer",
-               "lora", "lora_rank", "lora_alpha", "lora_targets", "quantize_base", "tokenizer_vocab_size",
-               "augment_copies", "augment_invented")
-
-
-class TrainError(RuntimeError):
-    """A training job that cannot run as configured; the message says why."""
 
 
 # -- batches -------------------------------------------------------------------------------------------
@@ -206,8 +202,6 @@ class CheckpointedBlock(Block):
     Its dropouts draw from a key passed into the checkpointed function: the recomputation reproduces
     the forward's masks (global-RNG dropout would draw new ones and corrupt the gradients)."""
 
-    recompute = True  # False runs the same keyed block without mx.checkpoint (to verify the gradients)
-
     def __call__(self, x, self_bias, memory=None, cross_bias=None, cache=None):
         if cache is not None or not self.training:
             return super().__call__(x, self_bias, memory, cross_bias, cache)
@@ -222,8 +216,7 @@ class CheckpointedBlock(Block):
             return Block.__call__(self, x, self_bias, mem, cross)
 
         key = mx.random.randint(0, 2**31 - 1, (2,)).astype(mx.uint32)  # a fresh key from the global stream
-        fn = mx.checkpoint(inner) if self.recompute else inner
-        return fn(self.trainable_parameters(), key, x, self_bias, *extra)
+        return mx.checkpoint(inner)(self.trainable_parameters(), key, x, self_bias, *extra)
 
 
 def enable_gradient_checkpointing(model: Model):
@@ -393,545 +386,517 @@ def evaluate(model: Model, tokenizer, split: TokenizedSplit, cfg: TrainConfig, p
     return (metrics, predictions) if with_predictions else metrics
 
 
-# -- state and checkpoints -----------------------------------------------------------------------------
+# -- the job: build the run, loop, side jobs, finish ------------------------------------------------------
+
+class Stop(Enum):
+    """Why the loop ended before its last step (None: it ran them all)."""
+    SIGNAL = "signal"  # SIGINT/SIGTERM: checkpoint and exit
+    TIME = "time"  # max_minutes spent: evaluate, save, score as at the end
+
 
 @dataclass
-class TrainState:
-    """Where the run is; saved in trainer_state.json with the RNG state."""
-    step: int = 0  # optimizer updates done
-    epoch: int = 0  # current epoch
-    batch_index: int = 0  # micro-batches of `epoch` already consumed
-    best_rouge_l: Optional[float] = None
-    best_eval_loss: Optional[float] = None
-    best_step: Optional[int] = None
-    train_runtime: float = 0.0  # seconds in the training loop (evaluations excluded), over all resumes
-    samples_seen: int = 0
-    tokens_seen: int = 0  # non-padding source + target tokens
-    loss_sum: float = 0.0  # summed token losses, for the run's mean train loss
-    loss_tokens: int = 0
-    world_size: int = 1  # data-parallel ranks (mlx.launch); a resume needs the same number
-
-    def better(self, rouge_l: float, loss: float) -> bool:
-        return is_better(rouge_l, loss, self.best_rouge_l, self.best_eval_loss)
+class Data:
+    splits: Splits  # the examples (train before augmentation)
+    train: TokenizedSplit
+    valid: TokenizedSplit  # the run contract's evaluation rows
+    test: TokenizedSplit
 
 
-def adapter_meta(cfg: TrainConfig, base: Optional[str]) -> dict:
-    """adapter_config.json extras: the base and, for QLoRA, how to quantize it before loading the adapters."""
-    meta = {"base_model": base, "lora_parameters": {"targets": cfg.lora_targets}}
-    if cfg.quantize_base:
-        meta["base_quantization"] = {"bits": cfg.quantize_base, "group_size": GROUP_SIZE}
-    return meta
+@dataclass
+class Window:
+    """Train statistics since the last log line (the loss stays an mx.array: no sync per step)."""
+    loss: mx.array = field(default_factory=lambda: mx.array(0.0))
+    tokens: mx.array = field(default_factory=lambda: mx.array(0))
+    samples: int = 0
+    real_tokens: int = 0
+    time: float = 0.0
 
 
-def save_checkpoint(folder: Path, model: Model, optimizer: optim.Optimizer, state: TrainState, cfg: TrainConfig,
-                    total_steps: int, base: Optional[str], tokenizer=None):
-    """Everything a resume needs, written to a temp folder and renamed over `folder` (never half-written)."""
-    key = mx.random.state[0].tolist()
-    trainer_state = asdict(state) | {
-        "total_steps": total_steps,
-        "rng": {"mlx_key": key, "numpy_data_order": {"seed": cfg.seed, "epoch": state.epoch,
-                                                     "generator": "np.random.default_rng([seed, epoch])"}},
-        "schedule": {"optimizer_step": state.step, "learning_rate": _learning_rate(optimizer)},
-    }
-    with atomic_dir(folder) as tmp:
-        if cfg.lora:
-            mx.save_safetensors(str(tmp / ADAPTER_FILE), adapter_weights(model), metadata={"format": "mlx"})
-            atomic_write_json(tmp / ADAPTER_CONFIG, adapter_config(model, adapter_meta(cfg, base)))
-        else:
-            mx.save_safetensors(str(tmp / "model.safetensors"), dict(tree_flatten(model.parameters())),
-                                metadata={"format": "pt"})
-            atomic_write_json(tmp / "config.json", model_config(model))
-        mx.save_safetensors(str(tmp / "optimizer.safetensors"), dict(tree_flatten(optimizer.state)))
-        if cfg.tokenizer_vocab_size:  # a trained vocabulary: the resumed run must use the same one
-            tokenizer.save_pretrained(str(tmp))
-        atomic_write_json(tmp / "trainer_state.json", trainer_state)
-        cfg.save(tmp / "config.yaml")
+@dataclass
+class Run:
+    """One job's parts, built once by `build_run`, handed to the loop and its side jobs."""
+    cfg: TrainConfig
+    console: object
+    world: World
+    model: Model
+    tokenizer: object
+    base: Optional[str]  # the LoRA base's folder or hub id (None: a random init, saved beside the adapters)
+    data: Data
+    optimizer: optim.Optimizer
+    steps: tuple  # make_step's (step, micro, apply)
+    state: TrainState
+    total_steps: int
+    per_epoch: int
+    resume: Optional[Path] = None
+    lora_layers: list = field(default_factory=list)
+    log: Optional[MetricsLog] = None
+    signals: Optional["StopOnSignal"] = None
+    deadline: Optional[float] = None
+
+    @property
+    def out(self) -> Path:
+        return Path(self.cfg.output_dir)
 
 
-def restore_checkpoint(folder: Path, model: Model, optimizer: optim.Optimizer, cfg: TrainConfig) -> TrainState:
-    """Load weights, optimizer state, RNG and position from `folder` into the freshly built model/optimizer."""
-    saved = read_json_object(folder / "trainer_state.json", "a checkpoint folder", TrainError)
-    try:
-        if cfg.lora:
-            load_adapters(model, folder)
-        else:
-            weights = mx.load(str(folder / "model.safetensors"))
-            model.load_weights(list(weights.items()))
-        opt_state = mx.load(str(folder / "optimizer.safetensors"))
-    except (ValueError, FileNotFoundError, RuntimeError) as err:
-        raise TrainError(f"{folder}: cannot restore the checkpoint ({err})") from None
+class StopOnSignal:
+    """SIGINT/SIGTERM set `name`: the loop finishes its step, checkpoints and exits; a second one stops at once."""
 
-    def restored(path, value):
-        if path not in opt_state:
-            raise TrainError(f"{folder / 'optimizer.safetensors'}: no state for {path} (optimizer or "
-                             "trainable parameters differ from the checkpoint's)")
-        return opt_state[path]
+    def __init__(self, console):
+        self.console, self.name, self._old = console, None, {}
 
-    optimizer.state = tree_map_with_path(restored, optimizer.state)
-    hi, lo = saved["rng"]["mlx_key"]
-    mx.random.seed((int(hi) << 32) | int(lo))
-    mx.eval(model.parameters(), optimizer.state)
-    names = TrainState.__dataclass_fields__
-    return TrainState(**{k: v for k, v in saved.items() if k in names})
+    def _handle(self, signum, frame):
+        if self.name is not None:  # second Ctrl-C: stop now
+            raise KeyboardInterrupt
+        self.name = signal.Signals(signum).name
+        self.console.print(f"[yellow]{self.name}: finishing this step and saving a checkpoint (again to stop at "
+                           "once)[/]")
 
-
-def _learning_rate(optimizer) -> float:
-    return float(optimizer.learning_rate.item() if isinstance(optimizer.learning_rate, mx.array)
-                 else optimizer.learning_rate)
-
-
-def resume_folder(path) -> Path:
-    """The checkpoint folder: `path` itself or `path/checkpoint` (a run's output folder)."""
-    path = Path(path)
-    if (path / "trainer_state.json").is_file():
-        return path
-    if (path / "checkpoint" / "trainer_state.json").is_file():
-        return path / "checkpoint"
-    raise TrainError(f"{path}: no checkpoint (expected trainer_state.json in it or in {path / 'checkpoint'})")
-
-
-def check_resume_config(cfg: TrainConfig, folder: Path):
-    """Refuse a resume whose config would change the data order or the model (exactness)."""
-    saved_file = folder / "config.yaml"
-    if not saved_file.is_file():
-        return
-    saved = _read_saved_config(saved_file)
-    diffs = [f"{k}: checkpoint {saved[k]!r}, now {getattr(cfg, k)!r}" for k in RESUME_KEYS
-             if k in saved and saved[k] != getattr(cfg, k)]
-    if diffs:
-        raise TrainError(f"cannot resume {folder} exactly with a different " + "; ".join(diffs))
-
-
-def _read_saved_config(path: Path) -> dict:
-    import yaml
-
-    return TrainConfig.from_dict(yaml.safe_load(path.read_text()) or {}, str(path)).to_dict()
-
-
-# -- the job -------------------------------------------------------------------------------------------
-
-class Trainer:
-    """One training job: `Trainer(cfg, console).train()` returns the summary dict.
-
-    Output folder (cfg.output_dir): final/ (HF layout model + tokenizer, or LoRA adapters), best/ (best
-    eval ROUGE-L, ties by eval loss), fused/ (LoRA with fuse), checkpoint/ (resume state), config.yaml,
-    metrics.jsonl, curves.png, summary.json.
-    """
-
-    def __init__(self, cfg: TrainConfig, console=None, stop_after: Optional[int] = None):
-        from rich.console import Console
-
-        self.cfg = cfg
-        self.console = console or Console()
-        self.out = Path(cfg.output_dir)
-        self.stop_after = stop_after  # tests: behave as if killed right after this step
-        self._stop_signal = None
-        self.world = World()
-
-    # setup -----------------------------------------------------------------------------------------
-
-    def _load_splits(self) -> Splits:
-        cfg = self.cfg
-        with warnings.catch_warnings(record=True) as caught:  # duplicate rows: a note, not a warning trace
-            warnings.simplefilter("always", DuplicateRowsWarning)
-            examples = load_examples(cfg.data, normalize=cfg.normalize)
-        for w in caught:
-            self.console.print(f"[yellow]note:[/] {w.message}", highlight=False, soft_wrap=True)
-        splits = make_splits(examples, cfg.split, cfg.split_fractions, cfg.sample_fraction, cfg.seed)
-        if not splits.train:
-            raise TrainError(f"the train split is empty ({len(examples)} examples, split {cfg.split}, "
-                             f"sample_fraction {cfg.sample_fraction})")
-        return splits
-
-    def _tokenize_splits(self, tokenizer, splits: Splits):
-        cfg = self.cfg
-        train = tokenize_split(tokenizer, training_examples(cfg, splits.train), cfg)
-        valid = tokenize_split(tokenizer, splits.valid, cfg)
-        test = tokenize_split(tokenizer, splits.test, cfg)
-        if cfg.eval_samples and len(valid) > cfg.eval_samples:  # the run contract's rows, the same at every eval
-            valid = valid.subset(np.array(eval_indices(len(valid), cfg.eval_samples)))
-        return train, valid, test
-
-    def _steps(self, n_train: int) -> tuple[int, int]:
-        cfg = self.cfg
-        batches = math.ceil(n_train / cfg.batch_size)
-        per_epoch = math.ceil(batches / cfg.grad_accum)
-        total = cfg.max_steps if cfg.max_steps is not None else max(1, math.ceil(cfg.epochs * per_epoch))
-        return per_epoch, total
-
-    # main ------------------------------------------------------------------------------------------
-
-    def train(self) -> dict:
-        cfg = self.cfg
-        world = self.world = World.init(cfg.distributed_timeout)
-        if not world.is_main:  # rank 0 alone prints, evaluates and writes
-            from rich.console import Console
-
-            self.console = Console(quiet=True)
-        console = self.console
-        compute_dtype = DTYPES[cfg.dtype]
-        if cfg.resume == "auto":  # the run contract: this output folder's checkpoint, or a fresh start
-            saved = self.out / "checkpoint"
-            resume = saved if (saved / "trainer_state.json").is_file() else None
-            console.print(f"resume: {resume or 'no checkpoint in ' + str(self.out) + ', starting fresh'}",
-                          highlight=False)
-        else:
-            resume = resume_folder(cfg.resume) if cfg.resume else None
-        if resume is not None:
-            check_resume_config(cfg, resume)
-
-        mx.random.seed(cfg.seed)
-        with console.status("loading data and model"):
-            splits = self._load_splits()
-            model, tokenizer, base = build_model(cfg, console, task_tokenizer(cfg, splits.train, resume))
-            train, valid, test = self._tokenize_splits(tokenizer, splits)
-        if cfg.lora:
-            targets = prepare_lora(model, cfg)
-            if compute_dtype != mx.float32:
-                cast_frozen(model, compute_dtype)
-        if cfg.gradient_checkpointing:
-            enable_gradient_checkpointing(model)
-        model.train()
-
-        per_epoch, total_steps = self._steps(len(train))
-        optimizer = build_optimizer(cfg, total_steps)
-        optimizer.init(model.trainable_parameters())
-        state = TrainState(world_size=world.size)
-        if resume is not None:
-            state = restore_checkpoint(resume, model, optimizer, cfg)
-        if resume is not None and state.world_size != world.size:
-            raise TrainError(f"{resume} was written by a run of {state.world_size} rank(s); resume it with the same "
-                             f"number (mlx.launch -n {state.world_size}), not {world.size}")
-        if world.size > 1:
-            self._join_world(state, tokenizer, resume)
-        step_fn, micro_fn, apply_fn = make_step(model, optimizer, cfg.max_grad_norm, compute_dtype)
-
-        trainable, total_params = (sum(v.size for _, v in tree_flatten(p))
-                                   for p in (model.trainable_parameters(), model.parameters()))
-        augmented = len(train) - len(splits.train)
-        console.print(f"[bold]data[/]  train {len(splits.train):,}" + (f" + {augmented:,} entity-swapped" if augmented else "")
-                      + f" | valid {len(splits.valid):,} (eval on {len(valid):,}) | test {len(test):,} ({cfg.split} split)"
-                      + (f" | task tokenizer: {len(tokenizer):,} pieces" if cfg.tokenizer_vocab_size else ""),
-                      soft_wrap=True)
-        console.print(
-            f"[bold]model[/] {cfg.model or cfg.init}: {total_params / 1e6:,.1f}M parameters, "
-            f"{trainable / 1e6:,.2f}M trainable"
-            + (f" (LoRA r={cfg.lora_rank} on {len(targets)} layers"
-               + (f", {cfg.quantize_base}-bit base)" if cfg.quantize_base else ")") if cfg.lora else "")
-            + f"   [bold]steps[/] {total_steps:,} ({per_epoch:,}/epoch, batch {cfg.batch_size} x {cfg.grad_accum})",
-            soft_wrap=True)
-        if resume is not None:
-            console.print(f"[bold]resuming[/] {resume} at step {state.step:,} (epoch {state.epoch}, "
-                          f"batch {state.batch_index})")
-
-        metrics_path = self.out / "metrics.jsonl" if world.is_main else Path(os.devnull)
-        if world.is_main:
-            self.out.mkdir(parents=True, exist_ok=True)
-            cfg.save(self.out / "config.yaml")
-            self._truncate_metrics(metrics_path, state.step if resume is not None else 0)
-
-        ctx = dict(model=model, tokenizer=tokenizer, optimizer=optimizer, train=train, valid=valid,
-                   total_steps=total_steps, per_epoch=per_epoch, base=base)
-        self._install_signals()
-        try:
-            with MetricsLog(metrics_path) as log:
-                stopped = self._loop(ctx, state, log, step_fn, micro_fn, apply_fn)
-                if stopped == "killed":  # tests: as if the process died here
-                    return {"stopped": "killed", "step": state.step}
-                if stopped == "signal":
-                    if world.is_main:
-                        self._save_resume(ctx, state)
-                    raise KeyboardInterrupt(f"stopped by {self._stop_signal or 'another rank’s signal'} at step {state.step}: checkpoint "
-                                            f"saved to {self.out / 'checkpoint'}; continue with --resume "
-                                            f"{self.out / 'checkpoint'}")
-                if not world.is_main:  # rank 0 evaluates, saves and scores the test split alone
-                    return {"rank": world.rank, "total_steps": state.step}
-                final_eval = self._final_eval(ctx, state, log)
-                self._save_resume(ctx, state)
-                summary = self._finish(ctx, state, final_eval, test, stopped, log)
-        finally:
-            self._restore_signals()
-        return summary
-
-    def _truncate_metrics(self, path: Path, step: int):
-        """A fresh run starts a new log; a resume drops what the interrupted run logged after its checkpoint."""
-        if not path.exists():
-            return
-        import json
-
-        records = [r for r in read_metrics(path) if r.get("step", 0) <= step] if step else []
-        atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in records))
-
-    # signals: finish the current step, checkpoint, exit ---------------------------------------------
-
-    def _install_signals(self):
-        self._old_handlers = {}
-
-        def handler(signum, frame):
-            if self._stop_signal is not None:  # second Ctrl-C: stop now
-                raise KeyboardInterrupt
-            self._stop_signal = signal.Signals(signum).name
-            self.console.print(f"[yellow]{self._stop_signal}: finishing this step and saving a checkpoint "
-                               "(again to stop at once)[/]")
-
+    def __enter__(self):
         try:
             for sig in (signal.SIGINT, signal.SIGTERM):
-                self._old_handlers[sig] = signal.signal(sig, handler)
+                self._old[sig] = signal.signal(sig, self._handle)
         except ValueError:  # not the main thread: no handlers
-            self._old_handlers = {}
+            self._old = {}
+        return self
 
-    def _restore_signals(self):
-        for sig, old in self._old_handlers.items():
+    def __exit__(self, *exc):
+        for sig, old in self._old.items():
             signal.signal(sig, old)
 
-    # the loop --------------------------------------------------------------------------------------
 
-    def _loop(self, ctx, state: TrainState, log: MetricsLog, step_fn, micro_fn, apply_fn) -> Optional[str]:
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-        from rich.progress import TimeRemainingColumn
+# building ------------------------------------------------------------------------------------------------
 
-        cfg, console = self.cfg, self.console
-        model, optimizer, train = ctx["model"], ctx["optimizer"], ctx["train"]
-        total_steps = ctx["total_steps"]
-        deadline = time.perf_counter() + cfg.max_minutes * 60 if cfg.max_minutes else None
-        save_every = cfg.save_every or cfg.eval_every
+def load_splits(cfg: TrainConfig, console) -> Splits:
+    with warnings.catch_warnings(record=True) as caught:  # duplicate rows: a note, not a warning trace
+        warnings.simplefilter("always", DuplicateRowsWarning)
+        examples = load_examples(cfg.data, normalize=cfg.normalize)
+    for w in caught:
+        console.print(f"[yellow]note:[/] {w.message}", highlight=False, soft_wrap=True)
+    splits = make_splits(examples, cfg.split, cfg.split_fractions, cfg.sample_fraction, cfg.seed)
+    if not splits.train:
+        raise TrainError(f"the train split is empty ({len(examples)} examples, split {cfg.split}, "
+                         f"sample_fraction {cfg.sample_fraction})")
+    return splits
 
-        window = {"loss": mx.array(0.0), "tokens": mx.array(0), "samples": 0, "real_tokens": 0, "steps": 0,
-                  "time": 0.0}
-        epoch_order = None
-        progress = Progress(TextColumn("[bold]train[/]"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                            TextColumn("eta"), TimeRemainingColumn(), TextColumn("{task.fields[info]}"),
-                            console=console, transient=False, disable=not console.is_terminal)
-        live_log = not console.is_terminal  # plain lines for log files (nohup), a bar for terminals
-        with progress:
-            task = progress.add_task("train", total=total_steps, completed=state.step, info="")
-            while state.step < total_steps:
-                if epoch_order is None or state.batch_index >= len(epoch_order):
-                    if epoch_order is not None:
-                        state.epoch, state.batch_index = state.epoch + 1, 0
-                    epoch_order = epoch_batches(train.lengths, cfg.batch_size, cfg.seed, state.epoch)
-                group = epoch_order[state.batch_index: state.batch_index + cfg.grad_accum]
-                start = time.perf_counter()
-                votes = (self._stop_signal is not None, deadline is not None and time.perf_counter() > deadline)
-                loss_sum, ntoks, grad_norm, votes = self._step(ctx, group, votes, step_fn, micro_fn, apply_fn)
-                elapsed = time.perf_counter() - start
 
-                state.step += 1
-                state.batch_index += len(group)
-                n_samples = sum(len(idx) for idx in group)
-                n_tokens = int(sum(train.lengths[idx].sum() for idx in group))
-                state.samples_seen += n_samples
-                state.tokens_seen += n_tokens
-                state.train_runtime += elapsed
-                state.loss_sum += loss_sum.item()
-                state.loss_tokens += ntoks.item()
-                window["loss"] += loss_sum
-                window["tokens"] += ntoks
-                window["samples"] += n_samples
-                window["real_tokens"] += n_tokens
-                window["steps"] += 1
-                window["time"] += elapsed
+def build_data(cfg: TrainConfig, tokenizer, splits: Splits) -> Data:
+    """Tokenized splits: train (+ entity-swapped copies), the evaluation rows of the run contract, test."""
+    train = tokenize_split(tokenizer, training_examples(cfg, splits.train), cfg)
+    valid = tokenize_split(tokenizer, splits.valid, cfg)
+    test = tokenize_split(tokenizer, splits.test, cfg)
+    if cfg.eval_samples and len(valid) > cfg.eval_samples:  # the same rows at every eval, on both engines
+        valid = valid.subset(np.array(eval_indices(len(valid), cfg.eval_samples)))
+    return Data(splits, train, valid, test)
 
-                if state.step % cfg.log_every == 0 or state.step == total_steps:
-                    record = {
-                        "step": state.step,
-                        "epoch": round(state.epoch + state.batch_index / max(len(epoch_order), 1), 4),
-                        "loss": (window["loss"] / window["tokens"]).item(),
-                        "learning_rate": _learning_rate(optimizer),
-                        "grad_norm": grad_norm.item(),
-                        "samples_per_second": window["samples"] / window["time"],
-                        "tokens_per_second": window["real_tokens"] / window["time"],
-                        "peak_memory_gb": mx.get_peak_memory() / 1e9,
-                    }
-                    log.log(record)
-                    info = (f"epoch {record['epoch']:.2f}  loss {record['loss']:.4f}  lr {record['learning_rate']:.2e}  "
-                            f"{record['samples_per_second']:.1f} samples/s  {record['tokens_per_second']:,.0f} tok/s  "
-                            f"peak {record['peak_memory_gb']:.2f} GB")
-                    progress.update(task, info=info)
-                    if live_log:
-                        console.print(f"step {state.step}/{total_steps}  {info}", highlight=False, soft_wrap=True)
-                    window = {"loss": mx.array(0.0), "tokens": mx.array(0), "samples": 0, "real_tokens": 0,
-                              "steps": 0, "time": 0.0}
-                progress.update(task, completed=state.step)
 
-                last = state.step == total_steps
-                if cfg.eval_every and state.step % cfg.eval_every == 0 and not last:
-                    if self.world.is_main:
-                        self._evaluate_and_keep_best(ctx, state, log, progress)
-                    self.world.barrier("rank 0's evaluation")
-                if save_every and state.step % save_every == 0 and not last and self.world.is_main:
-                    self._save_resume(ctx, state)
-                if self.stop_after is not None and state.step >= self.stop_after:
-                    return "killed"
-                if self._stop_signal is not None if votes is None else votes[0]:
-                    return "signal"
-                if (deadline is not None and time.perf_counter() > deadline if votes is None else votes[1]) and not last:
-                    console.print(f"[yellow]time budget of {cfg.max_minutes:g} min spent at step "
-                                  f"{state.step:,}/{total_steps:,}: stopping[/]", soft_wrap=True)
-                    return "time"
-        return None
+def count_steps(cfg: TrainConfig, n_train: int) -> tuple[int, int]:
+    """(optimizer steps per epoch, total optimizer steps)."""
+    batches = math.ceil(n_train / cfg.batch_size)
+    per_epoch = math.ceil(batches / cfg.grad_accum)
+    total = cfg.max_steps if cfg.max_steps is not None else max(1, math.ceil(cfg.epochs * per_epoch))
+    return per_epoch, total
 
-    def _step(self, ctx, group: list, votes: tuple, step_fn, micro_fn, apply_fn):
-        """One optimizer step on the global batch `group` (its micro-batches); each data-parallel rank takes
-        its shard of every micro-batch, and the ranks' stop votes (signal, time) are summed with the step.
-        Returns (loss_sum, ntoks, grad_norm, votes); votes is None on a single process."""
-        model, optimizer, train, world = ctx["model"], ctx["optimizer"], ctx["train"], self.world
-        if world.size == 1 and len(group) == 1:
-            loss_sum, ntoks, grad_norm = step_fn(to_mx(train.batch(group[0], model.args)))
-            mx.eval(loss_sum, ntoks, grad_norm, model.state, optimizer.state)
-            return loss_sum, ntoks, grad_norm, None
-        grads, loss_sum, ntoks = None, mx.array(0.0), mx.array(0)
-        for idx in group:
-            ls, nt, g = micro_fn(to_mx(self._shard_batch(train, idx, model.args)))
-            grads = g if grads is None else tree_map(mx.add, grads, g)
-            loss_sum, ntoks = loss_sum + ls, ntoks + nt
-            mx.eval(grads, loss_sum, ntoks)
-        if world.size > 1:  # averaged gradients over the ranks' mean token count: the 1-rank update
-            loss_sum, ntoks, grads, votes = world.reduce_step(loss_sum, ntoks, grads, votes)
-            grad_norm = apply_fn(grads, ntoks / world.size)
-        else:
-            votes, grad_norm = None, apply_fn(grads, ntoks)
-        mx.eval(grad_norm, model.state, optimizer.state)
-        return loss_sum, ntoks, grad_norm, votes
 
-    def _shard_batch(self, train: TokenizedSplit, idx, args) -> dict:
-        """This rank's rows of a micro-batch; a rank left without rows gets one row whose labels are all
-        padding (no tokens, zero gradients), so every rank joins the all-reduce."""
-        rows = self.world.shard(idx)
-        if len(rows):
-            return train.batch(rows, args)
-        batch = train.batch(idx[:1], args)
-        batch["labels"][:] = -100
-        return batch
+def prepare_model(model: Model, cfg: TrainConfig) -> list[str]:
+    """LoRA/QLoRA wrapping, the frozen base in the compute dtype, gradient checkpointing; train mode."""
+    layers = []
+    if cfg.lora:
+        layers = prepare_lora(model, cfg)
+        if DTYPES[cfg.dtype] != mx.float32:
+            cast_frozen(model, DTYPES[cfg.dtype])
+    if cfg.gradient_checkpointing:
+        enable_gradient_checkpointing(model)
+    model.train()
+    return layers
 
-    def _join_world(self, state: TrainState, tokenizer, resume: Optional[Path]):
-        """Data-parallel checks before the first step: the same number of ranks as the checkpoint, the same
-        job on every rank (config, data files, vocabulary, checkpoint), then per-rank dropout streams."""
-        world, cfg = self.world, self.cfg
-        facts = {f"config {k}": repr(v) for k, v in cfg.to_dict().items()}
-        facts |= {f"data file {i}": f"{path} (sha256 {file_digest(path)})" for i, path in enumerate(cfg.data, 1)}
-        facts["vocabulary"] = str(sorted(tokenizer.get_vocab().items()))
-        facts["checkpoint step"] = str(state.step if resume is not None else None)
-        world.agree(facts)
-        hi, lo = mx.random.state[0].tolist()  # rank 0 keeps the single-process stream; the others branch off it
-        mx.random.seed((((int(hi) << 32) | int(lo)) ^ (world.rank * 0x9E3779B97F4A7C15)) % 2**64)
 
-    def _evaluate_and_keep_best(self, ctx, state: TrainState, log: MetricsLog, progress=None) -> dict:
-        if not len(ctx["valid"]):
-            return {}
-        model, valid = ctx["model"], ctx["valid"]
-        bar = progress if progress is not None and progress.console.is_terminal else None
-        task = bar.add_task("eval", total=len(valid), info="evaluating") if bar else None
-        metrics = evaluate(model, ctx["tokenizer"], valid, self.cfg,
-                           progress=(lambda n: bar.advance(task, n)) if bar else None)
-        if bar:
-            bar.remove_task(task)
-        log.log({"step": state.step, **metrics})
-        improved = state.better(metrics["eval_rouge_l"], metrics["eval_loss"])
-        self.console.print(
-            f"[bold]eval[/] step {state.step:,}: loss {metrics['eval_loss']:.4f}  rouge_l {metrics['eval_rouge_l']:.4f}  "
-            f"exact {metrics['eval_exact_match']:.4f}  subquery_f1 {metrics['eval_subquery_f1']:.4f}  "
-            f"({metrics['eval_runtime']:.1f} s)" + ("  [green]best[/]" if improved else ""), highlight=False,
-            soft_wrap=True)
-        if improved:
-            state.best_rouge_l, state.best_eval_loss = metrics["eval_rouge_l"], metrics["eval_loss"]
-            state.best_step = state.step
-            self._save_model(ctx, self.out / BEST_DIR)
-        return metrics
+def build_run(cfg: TrainConfig, console, world: World) -> Run:
+    """Data, model, optimizer and state, restored from the checkpoint being resumed (if any)."""
+    resume = find_resume(cfg, console)
+    mx.random.seed(cfg.seed)
+    with console.status("loading data and model"):
+        splits = load_splits(cfg, console)
+        model, tokenizer, base = build_model(cfg, console, task_tokenizer(cfg, splits.train, resume))
+        data = build_data(cfg, tokenizer, splits)
+    layers = prepare_model(model, cfg)
+    per_epoch, total_steps = count_steps(cfg, len(data.train))
+    optimizer = build_optimizer(cfg, total_steps)
+    optimizer.init(model.trainable_parameters())
+    state = TrainState(world_size=world.size)
+    if resume is not None:
+        state = restore_checkpoint(resume, model, optimizer, cfg)
+        if state.world_size != world.size:
+            raise TrainError(f"{resume} was written by a run of {state.world_size} rank(s); resume it with the "
+                             f"same number (mlx.launch -n {state.world_size}), not {world.size}")
+    if world.size > 1:
+        join_world(world, cfg, state, tokenizer, resume)
+    steps = make_step(model, optimizer, cfg.max_grad_norm, DTYPES[cfg.dtype])
+    return Run(cfg, console, world, model, tokenizer, base, data, optimizer, steps, state, total_steps, per_epoch,
+               resume, layers)
 
-    def _final_eval(self, ctx, state, log) -> dict:
-        return self._evaluate_and_keep_best(ctx, state, log)
 
-    def _save_model(self, ctx, folder: Path):
-        """A usable model: HF layout (full fine-tuning) or adapters + adapter_config.json (LoRA)."""
-        model = ctx["model"]
-        if self.cfg.lora:
-            from .lora import save_adapters
+def join_world(world: World, cfg: TrainConfig, state: TrainState, tokenizer, resume: Optional[Path]):
+    """Data-parallel checks before the first step: the same job on every rank (config, data files, vocabulary,
+    checkpoint), then per-rank dropout streams."""
+    facts = {f"config {k}": repr(v) for k, v in cfg.to_dict().items()}
+    facts |= {f"data file {i}": f"{path} (sha256 {file_digest(path)})" for i, path in enumerate(cfg.data, 1)}
+    facts["vocabulary"] = str(sorted(tokenizer.get_vocab().items()))
+    facts["checkpoint step"] = str(state.step if resume is not None else None)
+    world.agree(facts)
+    hi, lo = mx.random.state[0].tolist()  # rank 0 keeps the single-process stream; the others branch off it
+    mx.random.seed((((int(hi) << 32) | int(lo)) ^ (world.rank * 0x9E3779B97F4A7C15)) % 2**64)
 
-            save_adapters(model, folder, adapter_meta(self.cfg, self._lora_base(ctx)))
-        else:
-            save(model, ctx["tokenizer"], folder)
 
-    def _lora_base(self, ctx) -> Optional[str]:
-        """Where the adapters' base lives; a random-init base is saved once beside them."""
-        if ctx["base"] is not None:
-            return ctx["base"]
-        base_dir = self.out / "base"
-        if not base_dir.exists():
-            base, _, _ = build_model(self.cfg, tokenizer=ctx["tokenizer"])
-            save(base, ctx["tokenizer"], base_dir)
-        ctx["base"] = str(base_dir.resolve())
-        return ctx["base"]
+def describe(run: Run):
+    """The data, model and step counts, before the first step."""
+    cfg, data, model, state = run.cfg, run.data, run.model, run.state
+    trainable, total_params = (sum(v.size for _, v in tree_flatten(p))
+                               for p in (model.trainable_parameters(), model.parameters()))
+    augmented = len(data.train) - len(data.splits.train)
+    run.console.print(
+        f"[bold]data[/]  train {len(data.splits.train):,}" + (f" + {augmented:,} entity-swapped" if augmented else "")
+        + f" | valid {len(data.splits.valid):,} (eval on {len(data.valid):,}) | test {len(data.test):,} "
+        f"({cfg.split} split)" + (f" | task tokenizer: {len(run.tokenizer):,} pieces" if cfg.tokenizer_vocab_size
+                                  else ""), soft_wrap=True)
+    lora = (f" (LoRA r={cfg.lora_rank} on {len(run.lora_layers)} layers"
+            + (f", {cfg.quantize_base}-bit base)" if cfg.quantize_base else ")") if cfg.lora else "")
+    run.console.print(
+        f"[bold]model[/] {cfg.model or cfg.init}: {total_params / 1e6:,.1f}M parameters, "
+        f"{trainable / 1e6:,.2f}M trainable{lora}   [bold]steps[/] {run.total_steps:,} ({run.per_epoch:,}/epoch, "
+        f"batch {cfg.batch_size} x {cfg.grad_accum})", soft_wrap=True)
+    if run.resume is not None:
+        run.console.print(f"[bold]resuming[/] {run.resume} at step {state.step:,} (epoch {state.epoch}, "
+                          f"batch {state.batch_index})")
 
-    def _save_resume(self, ctx, state: TrainState):
-        save_checkpoint(self.out / "checkpoint", ctx["model"], ctx["optimizer"], state, self.cfg,
-                        ctx["total_steps"], ctx["base"], ctx["tokenizer"])
 
-    def _finish(self, ctx, state: TrainState, final_eval: dict, test: TokenizedSplit, stopped, log) -> dict:
-        cfg, console, model = self.cfg, self.console, ctx["model"]
-        self._save_model(ctx, self.out / FINAL_DIR)
-        if cfg.lora and cfg.fuse:
-            fused, _, _ = build_model(cfg, tokenizer=ctx["tokenizer"])  # same base, then the trained adapters
-            if cfg.quantize_base:
-                quantize_model(fused, bits=cfg.quantize_base, group_size=GROUP_SIZE)
-            load_adapters(fused, self.out / FINAL_DIR)
-            save(fuse_lora(fused, dequantize=True), ctx["tokenizer"], self.out / "fused")
-        summary = {
-            "train_runtime": state.train_runtime,
-            "train_samples_per_second": state.samples_seen / max(state.train_runtime, 1e-9),
-            "train_steps_per_second": state.step / max(state.train_runtime, 1e-9),
-            "train_tokens_per_second": state.tokens_seen / max(state.train_runtime, 1e-9),
-            "train_loss": state.loss_sum / max(state.loss_tokens, 1),
-            "total_steps": state.step,
-            "epochs": round(state.samples_seen / len(ctx["train"]), 3),
-            "peak_memory_gb": mx.get_peak_memory() / 1e9,
-        }
-        if stopped == "time":
-            summary["stopped"] = f"time budget ({cfg.max_minutes:g} min)"
-        summary.update({k: v for k, v in final_eval.items() if k in (
-            "eval_loss", "eval_rouge_l", "eval_exact_match", "eval_subquery_f1", "eval_runtime",
-            "eval_samples_per_second", "eval_samples")})
-        if len(test):
-            if state.best_step is not None and state.best_step != state.step:  # score the kept model
-                self._load_best(ctx)
-            summary["test_model_step"] = state.best_step if state.best_step is not None else state.step
-            message = f"scoring the test split ({len(test):,} examples) with the model of step {summary['test_model_step']}"
-            if not console.is_terminal:
-                console.print(message, highlight=False, soft_wrap=True)
-            with console.status(message):
-                test_metrics, predictions = evaluate(model, ctx["tokenizer"], test, cfg, prefix="test",
-                                                     with_predictions=True)
-            log.log({"step": state.step, **test_metrics})
-            summary.update({k: v for k, v in test_metrics.items() if k in (
-                "test_loss", "test_rouge_l", "test_exact_match", "test_subquery_f1", "test_samples")})
-        atomic_write_json(self.out / "summary.json", summary)
-        try:
-            plot_curves(self.out / "metrics.jsonl", self.out / "curves.png", title=self.out.name)
-        except Exception as err:  # noqa: BLE001 - a missing plot must not lose a finished run
-            console.print(f"[yellow]warning:[/] no curves.png ({type(err).__name__}: {err})")
-        console.print(summary_table(summary))
-        if len(test):
-            console.print(examples_table(test.examples, predictions, seed=cfg.seed))
-        parts = ["final/"] + ([f"best/ (step {state.best_step})"] if state.best_step is not None else [])
-        parts += ["fused/"] if cfg.lora and cfg.fuse else []
-        parts += ["checkpoint/", "metrics.jsonl", "curves.png", "summary.json"]
-        console.print(f"[green]saved[/] {self.out}/: {', '.join(parts)}", highlight=False)
-        return summary
+def open_log(run: Run) -> MetricsLog:
+    """metrics.jsonl (rank 0): a new log, or for a resume the old one without the steps trained again."""
+    if not run.world.is_main:
+        return MetricsLog(os.devnull)
+    run.out.mkdir(parents=True, exist_ok=True)
+    run.cfg.save(run.out / "config.yaml")
+    drop_metrics_after(run.out / "metrics.jsonl", run.state.step if run.resume is not None else 0)
+    return MetricsLog(run.out / "metrics.jsonl")
 
-    def _load_best(self, ctx):
-        model, best = ctx["model"], self.out / BEST_DIR
-        if self.cfg.lora:
-            model.load_weights(list(mx.load(str(best / ADAPTER_FILE)).items()), strict=False)
-        else:
-            model.load_weights(list(mx.load(str(best / "model.safetensors")).items()))
-        mx.eval(model.parameters())
+
+# the loop ------------------------------------------------------------------------------------------------
+
+def train_loop(run: Run) -> Optional[Stop]:
+    """Optimizer steps until total_steps, a stop signal or the time budget; logs, evaluates and checkpoints."""
+    cfg, state = run.cfg, run.state
+    run.deadline = time.perf_counter() + cfg.max_minutes * 60 if cfg.max_minutes else None
+    window, order = Window(), None
+    with progress_bar(run) as progress:
+        task = progress.add_task("train", total=run.total_steps, completed=state.step, info="")
+        while state.step < run.total_steps:
+            order = next_batches(run, order)
+            group = order[state.batch_index: state.batch_index + cfg.grad_accum]
+            start = time.perf_counter()
+            votes = (run.signals.name is not None, run.deadline is not None and time.perf_counter() > run.deadline)
+            loss_sum, ntoks, grad_norm, votes = train_step(run, group, votes)
+            account(run, window, group, loss_sum, ntoks, time.perf_counter() - start)
+            maybe_log(run, window, grad_norm, len(order), progress, task)
+            progress.update(task, completed=state.step)
+            last = state.step == run.total_steps
+            maybe_eval(run, last, progress)
+            maybe_save(run, last)
+            stop = should_stop(run, votes, last)
+            if stop is not None:
+                return stop
+    return None
+
+
+def progress_bar(run: Run):
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+    from rich.progress import TimeRemainingColumn
+
+    return Progress(TextColumn("[bold]train[/]"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                    TextColumn("eta"), TimeRemainingColumn(), TextColumn("{task.fields[info]}"),
+                    console=run.console, transient=False, disable=not run.console.is_terminal)
+
+
+def next_batches(run: Run, order: Optional[list]) -> list:
+    """The current epoch's batch order; at its end, the next epoch's (a pure function of seed and epoch)."""
+    state = run.state
+    if order is None or state.batch_index >= len(order):
+        if order is not None:
+            state.epoch, state.batch_index = state.epoch + 1, 0
+        order = epoch_batches(run.data.train.lengths, run.cfg.batch_size, run.cfg.seed, state.epoch)
+    return order
+
+
+def train_step(run: Run, group: list, votes: tuple):
+    """One optimizer step on the global batch `group` (its micro-batches); each data-parallel rank takes its
+    shard of every micro-batch, and the ranks' stop votes (signal, time) are summed with the step.
+    Returns (loss_sum, ntoks, grad_norm, votes); votes is None on a single process."""
+    model, optimizer, world, (step_fn, micro_fn, apply_fn) = run.model, run.optimizer, run.world, run.steps
+    if world.size == 1 and len(group) == 1:
+        loss_sum, ntoks, grad_norm = step_fn(to_mx(run.data.train.batch(group[0], model.args)))
+        mx.eval(loss_sum, ntoks, grad_norm, model.state, optimizer.state)
+        return loss_sum, ntoks, grad_norm, None
+    grads, loss_sum, ntoks = None, mx.array(0.0), mx.array(0)
+    for idx in group:
+        ls, nt, g = micro_fn(to_mx(shard_batch(run, idx)))
+        grads = g if grads is None else tree_map(mx.add, grads, g)
+        loss_sum, ntoks = loss_sum + ls, ntoks + nt
+        mx.eval(grads, loss_sum, ntoks)
+    if world.size > 1:  # averaged gradients over the ranks' mean token count: the 1-rank update
+        loss_sum, ntoks, grads, votes = world.reduce_step(loss_sum, ntoks, grads, votes)
+        grad_norm = apply_fn(grads, ntoks / world.size)
+    else:
+        votes, grad_norm = None, apply_fn(grads, ntoks)
+    mx.eval(grad_norm, model.state, optimizer.state)
+    return loss_sum, ntoks, grad_norm, votes
+
+
+def shard_batch(run: Run, idx) -> dict:
+    """This rank's rows of a micro-batch; a rank left without rows gets one row whose labels are all padding (no
+    tokens, zero gradients), so every rank joins the all-reduce."""
+    rows, train = run.world.shard(idx), run.data.train
+    if len(rows):
+        return train.batch(rows, run.model.args)
+    batch = train.batch(idx[:1], run.model.args)
+    batch["labels"][:] = -100
+    return batch
+
+
+def account(run: Run, window: Window, group: list, loss_sum, ntoks, elapsed: float):
+    """Advance the state past a step and add it to the log window."""
+    state, lengths = run.state, run.data.train.lengths
+    n_samples = sum(len(idx) for idx in group)
+    n_tokens = int(sum(lengths[idx].sum() for idx in group))
+    state.step += 1
+    state.batch_index += len(group)
+    state.samples_seen += n_samples
+    state.tokens_seen += n_tokens
+    state.train_runtime += elapsed
+    state.loss_sum += loss_sum.item()
+    state.loss_tokens += ntoks.item()
+    window.loss += loss_sum
+    window.tokens += ntoks
+    window.samples += n_samples
+    window.real_tokens += n_tokens
+    window.time += elapsed
+
+
+def maybe_log(run: Run, window: Window, grad_norm, batches: int, progress, task):
+    """Every log_every steps (and at the last): a metrics.jsonl record and the progress line; resets the window."""
+    state = run.state
+    if state.step % run.cfg.log_every and state.step != run.total_steps:
+        return
+    record = {
+        "step": state.step,
+        "epoch": round(state.epoch + state.batch_index / max(batches, 1), 4),
+        "loss": (window.loss / window.tokens).item(),
+        "learning_rate": learning_rate(run.optimizer),
+        "grad_norm": grad_norm.item(),
+        "samples_per_second": window.samples / window.time,
+        "tokens_per_second": window.real_tokens / window.time,
+        "peak_memory_gb": mx.get_peak_memory() / 1e9,
+    }
+    run.log.log(record)
+    info = (f"epoch {record['epoch']:.2f}  loss {record['loss']:.4f}  lr {record['learning_rate']:.2e}  "
+            f"{record['samples_per_second']:.1f} samples/s  {record['tokens_per_second']:,.0f} tok/s  "
+            f"peak {record['peak_memory_gb']:.2f} GB")
+    progress.update(task, info=info)
+    if not run.console.is_terminal:  # plain lines for log files (nohup), a bar for terminals
+        run.console.print(f"step {state.step}/{run.total_steps}  {info}", highlight=False, soft_wrap=True)
+    window.__init__()
+
+
+def maybe_eval(run: Run, last: bool, progress=None):
+    """Every eval_every steps (the last step's eval comes with the finish): rank 0 evaluates, the others wait."""
+    if not run.cfg.eval_every or run.state.step % run.cfg.eval_every or last:
+        return
+    if run.world.is_main:
+        evaluate_and_keep_best(run, progress)
+    run.world.barrier("rank 0's evaluation")
+
+
+def maybe_save(run: Run, last: bool):
+    """Every save_every steps (default: every eval), rank 0 replaces the resume checkpoint."""
+    every = run.cfg.save_every or run.cfg.eval_every
+    if every and run.state.step % every == 0 and not last and run.world.is_main:
+        save_resume(run)
+
+
+def should_stop(run: Run, votes: Optional[tuple], last: bool) -> Optional[Stop]:
+    """A signal or the spent time budget; data-parallel ranks decide on the step's summed votes, together."""
+    if (run.signals.name is not None) if votes is None else votes[0]:
+        return Stop.SIGNAL
+    spent = run.deadline is not None and time.perf_counter() > run.deadline if votes is None else votes[1]
+    if spent and not last:
+        run.console.print(f"[yellow]time budget of {run.cfg.max_minutes:g} min spent at step "
+                          f"{run.state.step:,}/{run.total_steps:,}: stopping[/]", soft_wrap=True)
+        return Stop.TIME
+    return None
+
+
+# side jobs: evaluate, save ---------------------------------------------------------------------------------
+
+def evaluate_and_keep_best(run: Run, progress=None) -> dict:
+    """Evaluate on the run contract's rows, log it, and save the model to best/ when it beats the best so far."""
+    if not len(run.data.valid):
+        return {}
+    state, valid = run.state, run.data.valid
+    bar = progress if progress is not None and progress.console.is_terminal else None
+    task = bar.add_task("eval", total=len(valid), info="evaluating") if bar else None
+    metrics = evaluate(run.model, run.tokenizer, valid, run.cfg, progress=(lambda n: bar.advance(task, n)) if bar
+                       else None)
+    if bar:
+        bar.remove_task(task)
+    run.log.log({"step": state.step, **metrics})
+    improved = state.better(metrics["eval_rouge_l"], metrics["eval_loss"])
+    run.console.print(
+        f"[bold]eval[/] step {state.step:,}: loss {metrics['eval_loss']:.4f}  rouge_l {metrics['eval_rouge_l']:.4f}  "
+        f"exact {metrics['eval_exact_match']:.4f}  subquery_f1 {metrics['eval_subquery_f1']:.4f}  "
+        f"({metrics['eval_runtime']:.1f} s)" + ("  [green]best[/]" if improved else ""), highlight=False,
+        soft_wrap=True)
+    if improved:
+        state.best_rouge_l, state.best_eval_loss = metrics["eval_rouge_l"], metrics["eval_loss"]
+        state.best_step = state.step
+        save_model(run, run.out / BEST_DIR)
+    return metrics
+
+
+def save_model(run: Run, folder: Path):
+    """A usable model: HF layout (full fine-tuning) or adapters + adapter_config.json (LoRA)."""
+    if run.cfg.lora:
+        from .lora import save_adapters
+
+        save_adapters(run.model, folder, adapter_meta(run.cfg, lora_base(run)))
+    else:
+        save(run.model, run.tokenizer, folder)
+
+
+def lora_base(run: Run) -> Optional[str]:
+    """Where the adapters' base lives; a random-init base is saved once beside them."""
+    if run.base is not None:
+        return run.base
+    base_dir = run.out / "base"
+    if not base_dir.exists():
+        base, _, _ = build_model(run.cfg, tokenizer=run.tokenizer)
+        save(base, run.tokenizer, base_dir)
+    run.base = str(base_dir.resolve())
+    return run.base
+
+
+def save_resume(run: Run):
+    save_checkpoint(run.out / CHECKPOINT_DIR, run.model, run.optimizer, run.state, run.cfg, run.total_steps,
+                    run.base, run.tokenizer)
+
+
+def save_fused(run: Run):
+    """LoRA with fuse: the base with the trained adapters merged in, a plain model in final/."""
+    fused, _, _ = build_model(run.cfg, tokenizer=run.tokenizer)  # same base, then the trained adapters
+    if run.cfg.quantize_base:
+        quantize_model(fused, bits=run.cfg.quantize_base, group_size=GROUP_SIZE)
+    load_adapters(fused, run.out / ADAPTER_DIR)
+    save(fuse_lora(fused, dequantize=True), run.tokenizer, run.out / FINAL_DIR)
+
+
+def load_best(run: Run):
+    best = run.out / BEST_DIR
+    if run.cfg.lora:
+        run.model.load_weights(list(mx.load(str(best / ADAPTER_FILE)).items()), strict=False)
+    else:
+        run.model.load_weights(list(mx.load(str(best / "model.safetensors")).items()))
+    mx.eval(run.model.parameters())
+
+
+# finishing -------------------------------------------------------------------------------------------------
+
+def finish(run: Run, final_eval: dict, stopped: Optional[Stop]) -> dict:
+    """Save the final model, score the test split with the best one, write summary.json and curves.png, print."""
+    cfg, state = run.cfg, run.state
+    save_model(run, run.out / (ADAPTER_DIR if cfg.lora else FINAL_DIR))
+    if cfg.lora and cfg.fuse:
+        save_fused(run)
+    summary = train_summary(run)
+    if stopped is Stop.TIME:
+        summary["stopped"] = f"time budget ({cfg.max_minutes:g} min)"
+    summary.update({k: v for k, v in final_eval.items() if k in (
+        "eval_loss", "eval_rouge_l", "eval_exact_match", "eval_subquery_f1", "eval_runtime",
+        "eval_samples_per_second", "eval_samples")})
+    predictions = score_test(run, summary) if len(run.data.test) else None
+    atomic_write_json(run.out / "summary.json", summary)
+    try:
+        plot_curves(run.out / "metrics.jsonl", run.out / "curves.png", title=run.out.name)
+    except Exception as err:  # noqa: BLE001 - a missing plot must not lose a finished run
+        run.console.print(f"[yellow]warning:[/] no curves.png ({type(err).__name__}: {err})")
+    report(run, summary, predictions)
+    return summary
+
+
+def train_summary(run: Run) -> dict:
+    state, runtime = run.state, max(run.state.train_runtime, 1e-9)
+    return {
+        "train_runtime": state.train_runtime,
+        "train_samples_per_second": state.samples_seen / runtime,
+        "train_steps_per_second": state.step / runtime,
+        "train_tokens_per_second": state.tokens_seen / runtime,
+        "train_loss": state.loss_sum / max(state.loss_tokens, 1),
+        "total_steps": state.step,
+        "epochs": round(state.samples_seen / len(run.data.train), 3),
+        "peak_memory_gb": mx.get_peak_memory() / 1e9,
+    }
+
+
+def score_test(run: Run, summary: dict) -> list[str]:
+    """Score the test split with the kept model (best/, else the last); adds test_* to `summary`."""
+    state, test, console = run.state, run.data.test, run.console
+    if state.best_step is not None and state.best_step != state.step:
+        load_best(run)
+    summary["test_model_step"] = state.best_step if state.best_step is not None else state.step
+    message = f"scoring the test split ({len(test):,} examples) with the model of step {summary['test_model_step']}"
+    if not console.is_terminal:
+        console.print(message, highlight=False, soft_wrap=True)
+    with console.status(message):
+        metrics, predictions = evaluate(run.model, run.tokenizer, test, run.cfg, prefix="test", with_predictions=True)
+    run.log.log({"step": state.step, **metrics})
+    summary.update({k: v for k, v in metrics.items() if k in (
+        "test_loss", "test_rouge_l", "test_exact_match", "test_subquery_f1", "test_samples")})
+    return predictions
+
+
+def report(run: Run, summary: dict, predictions: Optional[list]):
+    """The summary table, test examples (query -> prediction vs reference) and what was saved where."""
+    cfg, console = run.cfg, run.console
+    console.print(summary_table(summary))
+    if predictions is not None:
+        console.print(examples_table(run.data.test.examples, predictions, seed=cfg.seed))
+    parts = [f"{ADAPTER_DIR}/" if cfg.lora else f"{FINAL_DIR}/"] + ([f"{FINAL_DIR}/ (fused)"] if cfg.lora and cfg.fuse
+                                                                       else [])
+    parts += [f"{BEST_DIR}/ (step {run.state.best_step})"] if run.state.best_step is not None else []
+    parts += [f"{CHECKPOINT_DIR}/", "metrics.jsonl", "curves.png", "summary.json"]
+    console.print(f"[green]saved[/] {run.out}/: {', '.join(parts)}", highlight=False)
 
 
 def train(cfg: TrainConfig, console=None) -> dict:
-    """Run the job described by `cfg` (validated); return the summary dict."""
-    return Trainer(cfg, console).train()
+    """Run the job described by `cfg` (validated): build, loop, final eval, save, score; return the summary.
+
+    Data-parallel under mlx.launch: every rank trains, rank 0 alone prints, evaluates and writes."""
+    from rich.console import Console
+
+    world = World.init(cfg.distributed_timeout)
+    console = (console or Console()) if world.is_main else Console(quiet=True)
+    run = build_run(cfg, console, world)
+    describe(run)
+    with StopOnSignal(console) as run.signals, open_log(run) as run.log:
+        stopped = train_loop(run)
+        if stopped is Stop.SIGNAL:
+            if world.is_main:
+                save_resume(run)
+            raise KeyboardInterrupt(f"stopped by {run.signals.name or 'another rank’s signal'} at step "
+                                    f"{run.state.step}: checkpoint saved to {run.out / CHECKPOINT_DIR}; continue "
+                                    f"with --resume {run.out / CHECKPOINT_DIR}")
+        if not world.is_main:  # rank 0 evaluates, saves and scores the test split alone
+            return {"rank": world.rank, "total_steps": run.state.step}
+        final_eval = evaluate_and_keep_best(run)
+        save_resume(run)
+        return finish(run, final_eval, stopped)
 
 
-__all__ = ["TrainError", "Trainer", "TrainState", "build_model", "build_optimizer", "build_schedule", "bucket",
-           "collate", "epoch_batches", "evaluate", "make_step", "predict", "save_checkpoint", "restore_checkpoint",
-           "train"]
+__all__ = ["Run", "Stop", "TrainError", "TrainState", "build_data", "build_model", "build_optimizer", "build_run",
+           "build_schedule", "bucket", "collate", "epoch_batches", "evaluate", "load_splits", "make_step", "predict",
+           "save_checkpoint", "restore_checkpoint", "train", "train_loop"]

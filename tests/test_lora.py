@@ -15,7 +15,7 @@ from rich.console import Console
 import mlx_t5
 from mlx_t5.lora import apply_lora, fuse_lora, load_adapters, lora_modules, save_adapters
 from mlx_t5.quantize import quantize_model
-from mlx_t5.trainer import Trainer, collate, to_mx, tokenize_split
+from mlx_t5.trainer import collate, to_mx, tokenize_split, train
 from reformulation.config import TrainConfig, load_config
 from reformulation.data import read_jsonl
 from reformulation.reporting import read_metrics
@@ -140,19 +140,19 @@ def losses(out):
 
 def test_lora_run_trains_only_adapters_and_fuses(workdir, batch, tmp_path):
     out = tmp_path / "run"
-    Trainer(lora_config(workdir, out, lora_targets="all", fuse=True), Console(file=io.StringIO())).train()
+    train(lora_config(workdir, out, lora_targets="all", fuse=True), Console(file=io.StringIO()))
     assert np.mean(losses(out)[-3:]) < np.mean(losses(out)[:3])
 
-    # final/ holds adapters only; the base it names is untouched by training
-    config = json.loads((out / "final" / "adapter_config.json").read_text())
+    # adapter/ holds adapters only (the run contract, as on torch); the base it names is untouched by training
+    config = json.loads((out / "adapter" / "adapter_config.json").read_text())
     assert config["base_model"] == str((workdir / "model").resolve())
     adapted = mlx_t5.load(workdir / "model")[0]
     base_logits = logits(adapted, batch)
-    load_adapters(adapted, out / "final")
+    load_adapters(adapted, out / "adapter")
     want = logits(adapted, batch)
     assert np.abs(want - base_logits).max() > 1e-3  # the adapters changed something
 
-    fused, _ = mlx_t5.load(out / "fused")
+    fused, _ = mlx_t5.load(out / "final")  # with fuse: final/ is the merged, plain model
     assert not lora_modules(fused)
     assert np.abs(logits(fused, batch) - want).max() <= 1e-4 * np.abs(want).max()
 
@@ -163,16 +163,17 @@ def test_lora_run_trains_only_adapters_and_fuses(workdir, batch, tmp_path):
 
 def test_qlora_8bit_trains_and_its_adapters_load_back(workdir, batch, tmp_path):
     out = tmp_path / "run"
-    Trainer(lora_config(workdir, out, quantize_base=8), Console(file=io.StringIO())).train()
+    train(lora_config(workdir, out, quantize_base=8), Console(file=io.StringIO()))
     assert np.mean(losses(out)[-3:]) < np.mean(losses(out)[:3])
 
-    config = json.loads((out / "final" / "adapter_config.json").read_text())
+    assert not (out / "final").exists()  # no fuse: no plain model
+    config = json.loads((out / "adapter" / "adapter_config.json").read_text())
     assert config["base_quantization"] == {"bits": 8, "group_size": 64}
     base = mlx_t5.load(workdir / "model")[0]
     quantize_model(base, **config["base_quantization"])
     assert any(isinstance(m, nn.QuantizedLinear) for _, m in base.named_modules())
     before = logits(base, batch)
-    load_adapters(base, out / "final")
+    load_adapters(base, out / "adapter")
     assert isinstance(base.encoder.block[0].layer[0].SelfAttention.q.linear, nn.QuantizedLinear)
     assert np.abs(logits(base, batch) - before).max() > 1e-3
-    assert trainable_names(base) == {k for k in mx.load(str(out / "final" / "adapters.safetensors"))}
+    assert trainable_names(base) == {k for k in mx.load(str(out / "adapter" / "adapters.safetensors"))}

@@ -41,7 +41,7 @@ def tiny_v1_init(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def contract_runs(tmp_path_factory, full_jsonl, tiny_v1_init):
-    from mlx_t5.trainer import Trainer
+    from mlx_t5.trainer import train
     from torch_t5 import train as torch_train
 
     root = tmp_path_factory.mktemp("contract")
@@ -50,21 +50,20 @@ def contract_runs(tmp_path_factory, full_jsonl, tiny_v1_init):
                   eval_every=2, eval_samples=6, eval_batch_size=8, eval_max_new_tokens=6, warmup_steps=0,
                   learning_rate=3e-3, lr_schedule="constant", dropout=0.0, log_every=2)
     configs = {name: load_config(None, dict(common, output_dir=str(root / name))) for name in ("mlx", "torch")}
-    Trainer(configs["mlx"], Console(quiet=True)).train()
+    train(configs["mlx"], Console(quiet=True))
     torch_train.train(configs["torch"], console=Console(quiet=True))
     return configs
 
 
 def test_both_trainers_evaluate_the_same_rows(contract_runs):
-    from mlx_t5.trainer import Trainer
+    from mlx_t5.trainer import build_data, load_splits
     from reformulation.recipe import task_tokenizer
     from torch_t5 import train as torch_train
 
     cfg = contract_runs["mlx"]
-    trainer = Trainer(cfg, Console(quiet=True))
-    splits = trainer._load_splits()
+    splits = load_splits(cfg, Console(quiet=True))
     tokenizer = task_tokenizer(cfg, splits.train)
-    mlx_valid = trainer._tokenize_splits(tokenizer, splits)[1].examples
+    mlx_valid = build_data(cfg, tokenizer, splits).valid.examples
     torch_valid = torch_train.load_data(contract_runs["torch"], tokenizer)[1].examples
     assert len(mlx_valid) == 6 and all(isinstance(e, Example) for e in mlx_valid)
     assert mlx_valid == torch_valid
@@ -86,3 +85,65 @@ def test_both_trainers_write_the_same_run_folder(contract_runs):
     evals = {name: [json.loads(line)["step"] for line in (Path(cfg.output_dir) / "metrics.jsonl").open()
                     if "eval_loss" in json.loads(line)] for name, cfg in contract_runs.items()}
     assert evals["mlx"] == evals["torch"] == [2, 4]
+
+
+@pytest.fixture(scope="module")
+def lora_runs(tmp_path_factory, full_jsonl):
+    """The same LoRA config (fuse on) on both engines, on one saved (random-weight) base model."""
+    from mlx_t5.trainer import train
+    from torch_t5 import train as torch_train
+
+    from hf_models import make_model, save_word_tokenizer
+
+    from reformulation.data import read_jsonl
+
+    root = tmp_path_factory.mktemp("lora-contract")
+    rows = read_jsonl(full_jsonl).examples
+    tok = save_word_tokenizer([e.source for e in rows] + [e.target for e in rows], root / "base")
+    make_model("v1-relu-tied", vocab_size=len(tok)).save_pretrained(root / "base")
+    common = dict(model=str(root / "base"), data=[str(full_jsonl)], split="target", sample_fraction=0.02,
+                  max_source_length=32, max_target_length=24, batch_size=4, max_steps=2,
+                  eval_every=2, eval_samples=4, eval_batch_size=8, eval_max_new_tokens=4, learning_rate=3e-3,
+                  dropout=0.0, log_every=1, lora=True, lora_targets="all", fuse=True)
+    configs = {name: load_config(None, dict(common, output_dir=str(root / name))) for name in ("mlx", "torch")}
+    train(configs["mlx"], Console(quiet=True))
+    torch_train.train(configs["torch"], console=Console(quiet=True))
+    return configs
+
+
+def test_lora_runs_have_the_same_layout_on_both_engines(lora_runs):
+    """adapter/: the adapters; final/: the fused model (an HF folder); best/: the best evaluation's adapters."""
+    from pathlib import Path
+
+    from reformulation.run import ADAPTER_DIR, BEST_DIR, FINAL_DIR, SHARED_SUMMARY_KEYS
+
+    for name, cfg in lora_runs.items():
+        out = Path(cfg.output_dir)
+        assert (out / ADAPTER_DIR / "adapter_config.json").is_file(), name
+        assert (out / FINAL_DIR / "model.safetensors").is_file() and (out / FINAL_DIR / "config.json").is_file(), name
+        assert (out / BEST_DIR / "adapter_config.json").is_file(), name
+        summary = json.loads((out / "summary.json").read_text())
+        assert set(SHARED_SUMMARY_KEYS) <= set(summary), (name, set(SHARED_SUMMARY_KEYS) - set(summary))
+
+
+def test_resume_auto_refuses_the_other_engines_checkpoint(tmp_path):
+    """An output folder holding only the other engine's checkpoint: a clear error on both, not a fresh start
+    that would overwrite it."""
+    from mlx_t5.checkpoint import TrainError, find_resume
+    from reformulation.config import ConfigError
+    from torch_t5.train import resolve_resume
+
+    (tmp_path / "mlx" / "checkpoint").mkdir(parents=True)
+    (tmp_path / "mlx" / "checkpoint" / "trainer_state.json").write_text("{}")
+    (tmp_path / "torch" / "checkpoint-8").mkdir(parents=True)
+    (tmp_path / "torch" / "checkpoint-8" / "trainer_state.json").write_text("{}")
+    def cfg(out, resume="auto"):
+        return load_config(None, dict(init="small", output_dir=str(tmp_path / out), resume=resume))
+
+    with pytest.raises(ConfigError, match="holds a MLX checkpoint.*python -m mlx_t5.train"):
+        resolve_resume(cfg("mlx"))
+    with pytest.raises(TrainError, match="holds a torch checkpoint.*python -m torch_t5.train"):
+        find_resume(cfg("torch"), Console(quiet=True))
+    with pytest.raises(ConfigError, match="is an MLX checkpoint"):
+        resolve_resume(cfg("x", resume=str(tmp_path / "mlx")))
+    assert find_resume(cfg("new"), Console(quiet=True)) is None  # nothing there: a fresh start

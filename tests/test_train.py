@@ -7,8 +7,11 @@ embedding rows instead of 32,128), so every run takes seconds.
 import io
 import json
 import math
+import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import mlx.core as mx
@@ -24,8 +27,8 @@ from transformers import T5ForConditionalGeneration, get_cosine_schedule_with_wa
 import mlx_t5
 from mlx_t5.init import SHAPES, init_model
 from mlx_t5.model import loss_fn
-from mlx_t5.trainer import (Trainer, build_schedule, collate, enable_gradient_checkpointing, epoch_batches, predict,
-                            to_mx, tokenize_split)
+from mlx_t5.trainer import (build_schedule, collate, enable_gradient_checkpointing, epoch_batches, predict,
+                            to_mx, tokenize_split, train)
 from reformulation.config import TrainConfig, load_config
 from reformulation.data import read_jsonl
 from reformulation.reporting import read_metrics
@@ -73,12 +76,50 @@ def config(workdir, out, **overrides) -> TrainConfig:
 pytestmark = pytest.mark.usefixtures("blas_one_thread")  # conftest: tiny models, one BLAS thread
 
 
-def run(cfg: TrainConfig, **kwargs) -> dict:
-    return Trainer(cfg, Console(**QUIET), **kwargs).train()
+def run(cfg: TrainConfig) -> dict:
+    return train(cfg, Console(**QUIET))
 
 
 def losses(out: Path) -> dict[int, float]:
     return {r["step"]: r["loss"] for r in read_metrics(out / "metrics.jsonl") if "loss" in r}
+
+
+# The command line in a child process whose steps take 0.2 s longer (same numerics), so the test can kill it
+# mid-run like a crash or an OOM kill would.
+SLOW_CHILD = """
+import sys, time
+import mlx_t5.trainer as trainer
+step = trainer.train_step
+def slow_step(*args):
+    time.sleep(0.2)
+    return step(*args)
+trainer.train_step = slow_step
+from mlx_t5.train import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def train_and_kill(cfg: TrainConfig, tmp_path: Path) -> tuple[int, int]:
+    """Train `cfg` in a child process and SIGKILL it once a checkpoint exists and a later step was logged.
+    Returns (the checkpoint's step, the last logged step)."""
+    out = Path(cfg.output_dir)
+    path = cfg.save(tmp_path / f"{out.name}.yaml")
+    env = dict(os.environ, OPENBLAS_NUM_THREADS="1", PYTHONPATH=str(ROOT))  # as blas_one_thread in this process
+    child = subprocess.Popen([sys.executable, "-c", SLOW_CHILD, "--config", str(path)], cwd=ROOT, env=env,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    state = out / "checkpoint" / "trainer_state.json"
+    try:
+        deadline = time.monotonic() + 120
+        while not (state.is_file() and (out / "metrics.jsonl").is_file()
+                   and max(losses(out), default=0) > json.loads(state.read_text())["step"]):
+            assert child.poll() is None, f"the run ended before it could be killed: {child.stderr.read()}"
+            assert time.monotonic() < deadline, "no checkpoint within 120 s"
+            time.sleep(0.02)
+        child.send_signal(signal.SIGKILL)
+    finally:
+        child.kill()
+        child.wait()
+    return json.loads(state.read_text())["step"], max(losses(out))
 
 
 # -- parity with torch -------------------------------------------------------------------------------------
@@ -205,19 +246,18 @@ def test_overfits_32_examples_and_saves_a_loadable_checkpoint(workdir, tmp_path,
 
 @pytest.mark.parametrize("optimizer", ["adamw", "adafactor"])
 def test_resume_after_a_kill_equals_the_uninterrupted_run(workdir, tmp_path, optimizer):
-    """Dropout on (the RNG must be restored), an epoch boundary inside, a checkpoint at 4 and a kill after
-    step 6: resuming from the checkpoint replays 5 and 6 and the losses of all 14 steps are the same."""
+    """Dropout on (the RNG must be restored), an epoch boundary inside, a checkpoint every 4 steps and a process
+    killed after a later step: resuming from the checkpoint replays the lost steps and the losses of all 14
+    steps are the same."""
     common = dict(max_steps=14, batch_size=8, dropout=0.1, save_every=4, lr_schedule="cosine", warmup_steps=2,
                   optimizer=optimizer, weight_decay=0.01)
     full = run(config(workdir, tmp_path / "full", **common))
-    killed = config(workdir, tmp_path / "killed", **common)
-    assert run(killed, stop_after=6)["stopped"] == "killed"
-    state = json.loads((tmp_path / "killed" / "checkpoint" / "trainer_state.json").read_text())
-    assert state["step"] == 4 and max(losses(tmp_path / "killed")) == 6
+    saved, logged = train_and_kill(config(workdir, tmp_path / "killed", **common), tmp_path)
+    assert saved % 4 == 0 and saved < logged < 14
 
     resumed = run(config(workdir, tmp_path / "killed", resume=str(tmp_path / "killed"), **common))
     want, got = losses(tmp_path / "full"), losses(tmp_path / "killed")
-    assert sorted(got) == list(range(1, 15))  # steps 5, 6 of the killed run were dropped, not duplicated
+    assert sorted(got) == list(range(1, 15))  # the killed run's steps after the checkpoint were dropped, not duplicated
     for step in want:
         assert got[step] == pytest.approx(want[step], rel=1e-6, abs=0), f"step {step}"
     assert resumed["train_loss"] == pytest.approx(full["train_loss"], rel=1e-6)
@@ -225,9 +265,9 @@ def test_resume_after_a_kill_equals_the_uninterrupted_run(workdir, tmp_path, opt
 
 def test_resume_auto_starts_fresh_then_continues_its_output_folder(workdir, tmp_path):
     common = dict(max_steps=6, batch_size=8, save_every=2, resume="auto")
-    assert run(config(workdir, tmp_path / "a", **common), stop_after=3)["stopped"] == "killed"  # nothing to resume
-    assert sorted(losses(tmp_path / "a")) == [1, 2, 3]
-    run(config(workdir, tmp_path / "a", **common))  # continues from checkpoint/ (step 2)
+    saved, logged = train_and_kill(config(workdir, tmp_path / "a", **common), tmp_path)  # nothing to resume
+    assert sorted(losses(tmp_path / "a")) == list(range(1, logged + 1)) and saved < logged < 6
+    run(config(workdir, tmp_path / "a", **common))  # continues from checkpoint/
     assert sorted(losses(tmp_path / "a")) == [1, 2, 3, 4, 5, 6]
 
 
@@ -257,10 +297,10 @@ def test_bfloat16_with_evaluation_keeps_the_best_checkpoint(workdir, tmp_path):
     assert all(v.dtype == mx.float32 for v in weights.values())
 
 
-def test_gradient_checkpointing_keeps_the_gradients(workdir, examples):
+def test_gradient_checkpointing_keeps_the_gradients(workdir, examples, monkeypatch):
     """Without dropout: the plain model's gradients. With dropout: the recomputation redraws exactly the
     forward's masks (the same keyed block run without mx.checkpoint gives the same gradients)."""
-    from mlx_t5.trainer import CheckpointedBlock, set_dropout
+    from mlx_t5.trainer import set_dropout
 
     def gradients(model, seed=0):
         mx.random.seed(seed)
@@ -284,11 +324,8 @@ def test_gradient_checkpointing_keeps_the_gradients(workdir, examples):
     model.train()
     enable_gradient_checkpointing(model)
     got = gradients(model, seed=7)
-    CheckpointedBlock.recompute = False
-    try:
-        assert_same(got, gradients(model, seed=7))
-    finally:
-        CheckpointedBlock.recompute = True
+    monkeypatch.setattr(mx, "checkpoint", lambda fn: fn)  # the same keyed blocks, no recomputation
+    assert_same(got, gradients(model, seed=7))
 
 
 # -- batching --------------------------------------------------------------------------------------------
@@ -381,9 +418,9 @@ def test_from_scratch_with_task_tokenizer_and_augmentation_trains_resumes_and_lo
                   tokenizer_vocab_size=320, augment_copies=2, max_steps=8, batch_size=8, save_every=4,
                   learning_rate=3e-3, eval_max_new_tokens=8)
     console_out = io.StringIO()
-    full = Trainer(config(workdir, tmp_path / "full", **common), Console(file=console_out, width=120)).train()
+    full = train(config(workdir, tmp_path / "full", **common), Console(file=console_out, width=120))
     assert "entity-swapped" in console_out.getvalue() and "Test examples" in console_out.getvalue()
-    assert run(config(workdir, tmp_path / "killed", **common), stop_after=5)["stopped"] == "killed"
+    train_and_kill(config(workdir, tmp_path / "killed", **common), tmp_path)
     assert (tmp_path / "killed" / "checkpoint" / "tokenizer.json").is_file()
     resumed = run(config(workdir, tmp_path / "killed", resume=str(tmp_path / "killed" / "checkpoint"), **common))
     assert resumed["train_loss"] == pytest.approx(full["train_loss"], rel=1e-6)

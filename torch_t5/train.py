@@ -14,7 +14,6 @@ folder; ``final/`` then holds the fused model only with ``fuse: true``), ``check
 
 import argparse
 import dataclasses
-import json
 import math
 import os
 import sys
@@ -27,16 +26,16 @@ import torch
 from reformulation.config import ConfigError, TrainConfig, add_config_args, config_from_args, print_config
 from reformulation.data import DataError, Splits, load_examples, make_splits, tokenize
 from reformulation.constants import FLAN_T5_SHAPES, decoder_output_scale
-from reformulation.io import atomic_dir, atomic_write_json, atomic_write_text, read_json_object
+from reformulation.io import atomic_dir, atomic_write_json, read_json_object
 from reformulation.metrics import score
 from reformulation.recipe import task_tokenizer, training_examples
-from reformulation.reporting import MetricsLog, examples_table, plot_curves, read_metrics, summary_table
-from reformulation.run import BEST_DIR, FINAL_DIR, eval_indices, is_better
+from reformulation.reporting import MetricsLog, examples_table, plot_curves, summary_table
+from reformulation.run import ADAPTER_DIR, BEST_DIR, FINAL_DIR, auto_resume, drop_metrics_after, eval_indices, is_better
+from reformulation.run import mlx_checkpoint
 
 from .infer import quiet_transformers
 from .presets import check_dtype, detect_preset
 
-ADAPTER_DIR = "adapter"
 _REPO = Path(__file__).resolve().parents[1]
 DEFAULT_TOKENIZER = _REPO.parent / "shared" / "tokenizers" / "flan-t5-small"
 
@@ -504,19 +503,11 @@ def resolve_resume(cfg: TrainConfig) -> str | None:
     if cfg.resume is None:
         return None
     if cfg.resume != "auto":
+        if (Path(cfg.resume) / "optimizer.safetensors").is_file() or mlx_checkpoint(cfg.resume):
+            raise ConfigError(f"{cfg.resume} is an MLX checkpoint: resume it with python -m mlx_t5.train")
         return cfg.resume
-    out = Path(cfg.output_dir)
-    checkpoints = [p for p in out.glob("checkpoint-*") if p.name.split("-")[-1].isdigit()
-                   and (p / "trainer_state.json").is_file()] if out.is_dir() else []
-    return str(max(checkpoints, key=lambda p: int(p.name.split("-")[-1]))) if checkpoints else None
-
-
-def _drop_metrics_after(path: Path, step: int) -> None:
-    """Forget log records past the checkpoint being resumed: those steps are trained again."""
-    if not path.is_file():
-        return
-    kept = [r for r in read_metrics(path) if r.get("step", 0) <= step]
-    atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in kept))
+    found = auto_resume(Path(cfg.output_dir), "torch", ConfigError)
+    return str(found) if found else None
 
 
 # -- saving ------------------------------------------------------------------------------------
@@ -614,7 +605,7 @@ def train(cfg: TrainConfig, tokenizer_override: str | None = None, console=None)
         console.print(f"resume: {resume or 'no checkpoint in ' + str(out) + ', starting fresh'}", highlight=False)
 
     if resume and main:
-        _drop_metrics_after(out / "metrics.jsonl", int(Path(resume).name.rsplit("-", 1)[-1]))
+        drop_metrics_after(out / "metrics.jsonl", int(Path(resume).name.rsplit("-", 1)[-1]))
 
     splits = load_splits(cfg, console)  # data errors before a slow model load
     tokenizer = task_tokenizer(cfg, splits.train, resume) or load_tokenizer(cfg, tokenizer_override)
@@ -652,6 +643,7 @@ def train(cfg: TrainConfig, tokenizer_override: str | None = None, console=None)
 
     result = trainer.train(resume_from_checkpoint=resume)
     summary = {k: v for k, v in result.metrics.items() if k in SUMMARY_KEYS}
+    summary.update(total_steps=trainer.state.global_step, epochs=round(trainer.state.epoch or 0.0, 3))  # as MLX's
 
     if trainer.is_world_process_zero():
         with console.status("saving"):
