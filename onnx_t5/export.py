@@ -3,13 +3,16 @@
     encoder.onnx   input_ids (B, S), attention_mask (B, S)
                    -> cross_key_0, cross_value_0, ... (B, heads, S, d_kv): each decoder layer's
                       cross-attention keys and values
-    decoder.onnx   input_ids (B,), distances (t + 1,), attention_mask (B, S), the cross K/V,
+    decoder.onnx   input_ids (B, n), distances (n, t + n), attention_mask (B, S), the cross K/V,
                    past_key_0, past_value_0, ... (B, heads, t, d_kv)
-                   -> logits (B, vocab), present_key_0, present_value_0, ... (B, heads, t + 1, d_kv)
+                   -> logits (B, n, vocab), present_key_0, present_value_0, ... (B, heads, t + n, d_kv)
 
-Attention is ONNX Runtime's fused ``MultiHeadAttention`` (with the past K/V and T5's additive bias), so a
-decoder step is ~240 kernels; ``distances`` (t, t-1, ..., 0) index a table of T5's decoder position
-bias, which stops changing at ``relative_attention_max_distance``.
+The decoder runs n new positions against the past: n = 1 is a plain decoding step; n > 1 checks the
+drafts of speculative decoding in one pass (reformulation.speculative). Attention is ONNX Runtime's fused
+``MultiHeadAttention`` (with the past K/V and T5's additive bias), so a decoder pass is ~240 kernels;
+``distances`` (row i: how far back each key position lies from new position i, negative for the
+positions after it, which are masked) index a table of T5's decoder position bias, which stops changing
+at ``relative_attention_max_distance``.
 
 Every projection (and the LM head) becomes ONNX Runtime's ``MatMulNBits`` with 8-bit weights in blocks
 of 128 along the input (one scale each, symmetric) and ``accuracy_level=4``: activations are quantized to
@@ -56,17 +59,17 @@ def _modules():
         """ONNX Runtime's com.microsoft.MultiHeadAttention as one node (q/k/v transposes, the cache concat,
         scores, bias, softmax and the weighted sum in one kernel); forward is the same arithmetic in torch,
         which the exporter traces for shapes. T5 does not scale its scores: scale 1.
-        q (B, 1, H*D); self-attention: k, v (B, 1, H*D) and the past (B, H, t, D) -> (out, present k, present v);
+        q (B, n, H*D); self-attention: k, v (B, n, H*D) and the past (B, H, t, D) -> (out, present k, present v);
         cross-attention: k, v (B, H, S, D), no past -> out."""
 
         @staticmethod
         def forward(ctx, q, k, v, bias, past_k, past_v, heads):
-            B, _, HD = q.shape
-            q = q.view(B, 1, heads, HD // heads).transpose(1, 2)
+            B, N, HD = q.shape
+            q = q.view(B, N, heads, HD // heads).transpose(1, 2)
             if past_k is not None:
-                k = torch.cat([past_k, k.view(B, 1, heads, HD // heads).transpose(1, 2)], dim=2)
-                v = torch.cat([past_v, v.view(B, 1, heads, HD // heads).transpose(1, 2)], dim=2)
-            out = (torch.softmax(q @ k.transpose(-1, -2) + bias, dim=-1) @ v).transpose(1, 2).reshape(B, 1, HD)
+                k = torch.cat([past_k, k.view(B, N, heads, HD // heads).transpose(1, 2)], dim=2)
+                v = torch.cat([past_v, v.view(B, N, heads, HD // heads).transpose(1, 2)], dim=2)
+            out = (torch.softmax(q @ k.transpose(-1, -2) + bias, dim=-1) @ v).transpose(1, 2).reshape(B, N, HD)
             return out if past_k is None else (out, k, v)
 
         @staticmethod
@@ -101,7 +104,7 @@ def _modules():
             return tuple(kv.unbind(0))  # key 0, value 0, key 1, ...
 
     class DecoderStep(nn.Module):
-        """One decoder position for a batch: T5Block's arithmetic with the cache passed in and out."""
+        """n decoder positions for a batch: T5Block's arithmetic with the cache passed in and out."""
 
         def __init__(self, model):
             super().__init__()
@@ -131,10 +134,12 @@ def _modules():
             HD = H * self.d_kv
             layers = len(self.blocks)
             cross, past = cache[:2 * layers], cache[2 * layers:]
-            h = self.embed(input_ids).unsqueeze(1)  # (B, 1, d_model)
-            bias = self.position_bias[distances.clamp(max=self.position_bias.shape[0] - 1)]  # (t + 1, H)
-            bias = bias.t().reshape(1, H, 1, -1)
+            h = self.embed(input_ids)  # (B, n, d_model)
+            bias = self.position_bias[distances.clamp(min=0, max=self.position_bias.shape[0] - 1)]  # (n, t + n, H)
+            bias = bias.permute(2, 0, 1).unsqueeze(0)  # (1, H, n, t + n)
+            bias = bias.masked_fill((distances < 0).unsqueeze(0).unsqueeze(0), torch.finfo(h.dtype).min)
             cross_bias = (1.0 - attention_mask.to(h.dtype)).reshape(B, 1, 1, -1) * torch.finfo(h.dtype).min
+            cross_bias = cross_bias.expand(-1, -1, h.shape[1], -1)  # (B, 1, n, S): MultiHeadAttention wants n rows
             present = []
             for i, block in enumerate(self.blocks):
                 self_layer, cross_layer, ff_layer = block.layer
@@ -158,7 +163,7 @@ def _modules():
             h = self.final_norm(h)
             if self.scale is not None:
                 h = h * self.scale
-            return (self.lm_head(h)[:, 0], *present)
+            return (self.lm_head(h), *present)
 
     return Encoder, DecoderStep
 
@@ -226,15 +231,17 @@ def export_folder(model, out_dir, quantize: bool = True, block_size: int = BLOCK
     encoder = _export(Encoder(model).eval(), (ids, mask), out_dir / "encoder.onnx", ["input_ids", "attention_mask"],
                       cross, {"input_ids": {0: "batch", 1: "source"}, "attention_mask": {0: "batch", 1: "source"},
                               **{name: {0: "batch", 2: "source"} for name in cross}})
-    step_args = (torch.zeros((B,), dtype=torch.long), torch.arange(T, -1, -1), mask,
+    N = 2  # new positions: a step is 1, a speculative check more
+    distances = torch.arange(T, T + N).unsqueeze(1) - torch.arange(T + N).unsqueeze(0)  # (N, T + N)
+    step_args = (torch.zeros((B, N), dtype=torch.long), distances, mask,
                  *[torch.zeros((B, H, S, D)) for _ in cross], *[torch.zeros((B, H, T, D)) for _ in past])
     decoder = _export(DecoderStep(model).eval(), step_args, out_dir / "decoder.onnx",
                       ["input_ids", "distances", "attention_mask", *cross, *past], ["logits", *present],
-                      {"input_ids": {0: "batch"}, "distances": {0: "length"},
+                      {"input_ids": {0: "batch", 1: "positions"}, "distances": {0: "positions", 1: "length"},
                        "attention_mask": {0: "batch", 1: "source"}, **{name: {0: "batch", 2: "source"} for name in cross},
-                       **{name: {0: "batch", 2: "past"} for name in past}, "logits": {0: "batch"},
+                       **{name: {0: "batch", 2: "past"} for name in past}, "logits": {0: "batch", 1: "positions"},
                        **{name: {0: "batch", 2: "length"} for name in present}}, contrib=True)
-    marker = {"format": FORMAT, "opset": OPSET, "source": source,
+    marker = {"format": FORMAT, "opset": OPSET, "source": source, "decoder_positions": "many",
               "parameters": sum(p.numel() for p in model.parameters()), "quantization": None}  # tied: counted once
     for name, graph in (("encoder.onnx", encoder), ("decoder.onnx", decoder)):
         if quantize:

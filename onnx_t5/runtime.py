@@ -62,6 +62,7 @@ class OnnxT5:
                 raise OnnxLoadError(f"{folder / name}: onnxruntime cannot load it ({first_line(err)})") from None
         self.encoder, self.decoder = sessions
         self._cross, self._past = cache_names(self.layers, "cross"), cache_names(self.layers, "past")
+        self.many = self.info.get("decoder_positions") == "many"  # n positions per pass (speculative decoding)
 
     def encode(self, input_ids: np.ndarray, attention_mask: np.ndarray) -> list[np.ndarray]:
         """Every decoder layer's cross-attention key and value, (batch, heads, source, d_kv) each."""
@@ -85,10 +86,53 @@ class OnnxT5:
 
     def step(self, feed: dict, ids: np.ndarray, t: int) -> np.ndarray:
         """Run position t for ids; the feed's past becomes the new present. Returns (rows, vocab) logits."""
-        feed["input_ids"], feed["distances"] = ids, np.arange(t, -1, -1, dtype=np.int64)
+        if not self.many:  # a folder exported before multi-position decoders: (B,) ids, (t + 1,) distances
+            feed["input_ids"], feed["distances"] = ids, np.arange(t, -1, -1, dtype=np.int64)
+            logits, *present = self.decoder.run(None, feed)
+            feed.update(zip(self._past, present))
+            return logits
+        return self.decode(feed, ids[:, None], t)[:, 0]
+
+    def decode(self, feed: dict, ids: np.ndarray, t: int) -> np.ndarray:
+        """Run positions t .. t + n - 1 for ids (rows, n) in one pass, each attending to the past and to the new
+        positions before it; the feed's past grows by n. Returns (rows, n, vocab) logits."""
+        if not self.many:
+            raise OnnxLoadError(f"{self.folder} was exported with a one-position decoder: re-export it with "
+                                "`python -m convert to-onnx` for speculative decoding")
+        n = ids.shape[1]
+        feed["input_ids"] = np.ascontiguousarray(ids, dtype=np.int64)
+        feed["distances"] = np.arange(t, t + n, dtype=np.int64)[:, None] - np.arange(t + n, dtype=np.int64)[None]
         logits, *present = self.decoder.run(None, feed)
         feed.update(zip(self._past, present))
         return logits
+
+    def truncate(self, feed: dict, length: int) -> None:
+        """Keep the first `length` positions of the feed's past (drop the K/V of rejected draft tokens)."""
+        for name in self._past:
+            if feed[name].shape[2] > length:
+                feed[name] = np.ascontiguousarray(feed[name][:, :, :length])
+
+    def speculative(self, input_ids, attention_mask=None, max_new_tokens: int = 64, draft_tokens: int = 8,
+                    stats: Optional[dict] = None) -> np.ndarray:
+        """Greedy decoding with prompt-lookup drafts (reformulation.speculative), row by row: the same tokens as
+        generate() (decoder start first, rows that ended padded), in fewer decoder passes. `stats` (a dict)
+        receives the passes and tokens."""
+        from reformulation.speculative import greedy
+
+        input_ids = np.asarray(input_ids, dtype=np.int64)
+        mask = np.ones_like(input_ids) if attention_mask is None else np.asarray(attention_mask, dtype=np.int64)
+        rows = []
+        for ids, row_mask in zip(input_ids, mask):
+            keep = row_mask.astype(bool)
+            feed = self.begin(ids[keep][None], row_mask[keep][None])
+
+            def decode(tokens: list[int], t: int) -> np.ndarray:
+                return self.decode(feed, np.array([tokens], np.int64), t)[0]
+
+            rows.append(greedy(decode, lambda length: self.truncate(feed, length), ids[keep].tolist(), self.start,
+                               self.eos.tolist(), max_new_tokens, draft_tokens, stats))
+        width = max(map(len, rows))
+        return np.array([row + [self.pad] * (width - len(row)) for row in rows], np.int64)
 
     def steps(self, input_ids, attention_mask=None, max_new_tokens: int = 64, min_new_tokens: int = 0,
               temperature: float = 0.0, rng: Optional[np.random.Generator] = None) -> Iterator[np.ndarray]:

@@ -1,0 +1,122 @@
+"""Prompt-lookup speculative decoding (reformulation.speculative) gives plain greedy's tokens, token for token:
+on a toy engine, and on exported ONNX models (float32 and int8) with padded batches whose rows end at different
+steps, with drafts that are all right, partly wrong or absent."""
+
+import numpy as np
+import pytest
+
+from hf_models import QUERIES, SHAPES, ending_model
+from onnx_t5 import OnnxT5
+from onnx_t5.export import export_folder
+from reformulation.speculative import greedy, propose
+
+pytestmark = pytest.mark.usefixtures("torch_one_thread")
+
+
+def test_propose_takes_what_follows_the_longest_latest_match():
+    source = [5, 6, 7, 8, 9, 5, 6, 10, 11]
+    assert propose(source, [1, 5, 6], k=3) == [10, 11]  # "5 6" occurs twice: the latest, then what follows
+    assert propose(source, [7], k=2) == [8, 9]
+    assert propose(source, [4, 8], k=4) == [9, 5, 6, 10]  # "4 8" is absent; "8" is there
+    assert propose(source, [11], k=3) == [] and propose(source, [42], k=3) == [] and propose(source, [], k=3) == []
+    assert propose(source, [7], k=0) == []
+
+
+class ToyEngine:
+    """A decoder whose next token is a fixed function of the whole prefix, with a cache that must be fed in
+    order: decode() checks that position t is where the cache ends, truncate() drops positions."""
+
+    def __init__(self, source, vocab=50, eos=1):
+        self.source, self.vocab, self.eos, self.cache, self.passes = source, vocab, eos, [], 0
+
+    def next_token(self, prefix):
+        if len(prefix) > 12:
+            return self.eos
+        if len(prefix) % 5 == 4:  # now and then not a copy: drafts get rejected
+            return 2 + (sum(prefix) % (self.vocab - 2))
+        return self.source[(len(prefix) + 2) % len(self.source)]
+
+    def decode(self, tokens, t):
+        assert len(self.cache) == t, "fed at the wrong position (a rollback went wrong)"
+        self.passes += 1
+        logits = np.zeros((len(tokens), self.vocab))
+        for i, token in enumerate(tokens):
+            self.cache.append(token)
+            logits[i, self.next_token(self.cache)] = 1.0
+        return logits
+
+    def truncate(self, length):
+        del self.cache[length:]
+
+
+def plain_greedy(engine: ToyEngine, start: int, max_new_tokens: int) -> list[int]:
+    tokens = [start]
+    while len(tokens) - 1 < max_new_tokens and tokens[-1] != engine.eos:
+        tokens.append(int(engine.decode([tokens[-1]], len(tokens) - 1)[0].argmax()))
+    return tokens
+
+
+@pytest.mark.parametrize("max_new_tokens", [3, 8, 30])
+def test_toy_engine_same_tokens_in_fewer_passes(max_new_tokens):
+    source = [7, 8, 9, 10, 11, 12, 13, 14, 15, 16]
+    want = plain_greedy(ToyEngine(source), 0, max_new_tokens)
+    engine, stats = ToyEngine(source), {}
+    got = greedy(engine.decode, engine.truncate, source, 0, [1], max_new_tokens, draft_tokens=4, stats=stats)
+    assert got == want
+    assert stats == {"passes": engine.passes, "tokens": len(want) - 1}
+    if max_new_tokens == 30:
+        assert engine.passes < len(want) - 1  # copies were accepted several at a time
+
+
+def exported(shape, tokenizer, tmp_path, quantize):
+    batch = tokenizer(QUERIES, return_tensors="pt", padding=True)
+    model = ending_model(shape, False, batch)
+    export_folder(model, tmp_path, quantize=quantize)
+    return OnnxT5(tmp_path), batch["input_ids"].numpy(), batch["attention_mask"].numpy()
+
+
+@pytest.mark.parametrize("quantize", [False, True], ids=["float32", "int8"])
+@pytest.mark.parametrize("shape", list(SHAPES))
+def test_onnx_speculative_is_plain_greedy(shape, quantize, tokenizer, tmp_path):
+    """A padded batch is decoded row by row, each row without its padding: plain greedy of each row alone is the
+    reference (in int8, a row's padding changes its activations' quantization, so a padded batch's greedy can
+    differ from the row's own in near-ties)."""
+    onnx_model, ids, mask = exported(shape, tokenizer, tmp_path, quantize)
+    rows = [onnx_model.generate(row[m.astype(bool)][None], max_new_tokens=24)[0] for row, m in zip(ids, mask)]
+    width = max(map(len, rows))
+    want = np.stack([np.pad(row, (0, width - len(row)), constant_values=onnx_model.pad) for row in rows])
+    got = onnx_model.speculative(ids, mask, max_new_tokens=24)
+    assert got.shape == want.shape and (got == want).all()
+    if not quantize:  # float32: the padded batch's own greedy too, whose rows end at different steps
+        ended = (want == 1).any(axis=1)
+        assert ended.any() and not ended.all()
+        assert (got == onnx_model.generate(ids, mask, max_new_tokens=24)).all()
+
+
+@pytest.mark.parametrize("corrupt", [None, 0, 2])
+def test_onnx_multi_position_pass_and_rollback(corrupt, tokenizer, tmp_path):
+    """Drafts from an oracle (plain greedy's own continuation), with one token changed at draft position
+    `corrupt`: all accepted, or accepted up to the change and the cache rolled back; the same tokens either way,
+    and the multi-position pass gives the one-position logits."""
+    onnx_model, ids, mask = exported("flan-small", tokenizer, tmp_path, quantize=False)
+    row = ids[0][mask[0].astype(bool)]
+    want = onnx_model.generate(row[None], max_new_tokens=24)[0].tolist()
+    want = want[: want.index(1) + 1] if 1 in want else want
+
+    def oracle(source, output, k):
+        draft = list(want[1 + len(output): 1 + len(output) + k])
+        if corrupt is not None and len(draft) > corrupt:
+            draft[corrupt] = (draft[corrupt] + 7) % 100 + 2
+        return draft
+
+    feed, stats = onnx_model.begin(row[None]), {}
+    got = greedy(lambda tokens, t: onnx_model.decode(feed, np.array([tokens]), t)[0],
+                 lambda length: onnx_model.truncate(feed, length), row.tolist(), onnx_model.start, [1], 24,
+                 draft_tokens=5, stats=stats, proposer=oracle)
+    assert got == want
+    assert stats["passes"] < len(want) - 1 if corrupt != 0 else stats["passes"] == len(want) - 1
+
+    feed_one, feed_many = onnx_model.begin(row[None]), onnx_model.begin(row[None])
+    one = np.stack([onnx_model.step(feed_one, np.array([tok]), t) for t, tok in enumerate(want[:6])], axis=1)
+    many = onnx_model.decode(feed_many, np.array([want[:6]]), 0)
+    assert np.abs(many - one).max() <= 1e-4 * np.abs(one).max()
