@@ -7,6 +7,7 @@ from typing import Optional
 
 from reformulation.data import format_source, text_pieces
 from reformulation.engine import Engine, EngineError, first_line
+from reformulation.speculative import piece_keys
 
 from .export import ExportError, export
 from .runtime import OnnxLoadError, OnnxT5, is_onnx_folder, load
@@ -22,14 +23,18 @@ class OnnxEngine(Engine):
     def __init__(self):
         super().__init__()
         self.exact_batches = True
+        self.speculative = False
         self.threads = 1  # one decoding row is too small to split (BENCHMARKS.md#serving)
 
     def load(self, path, dtype: Optional[str] = None, tokenizer: Optional[str] = None,
-             threads: Optional[int] = None, exact_batches: bool = True) -> "OnnxEngine":
+             threads: Optional[int] = None, exact_batches: bool = True, speculative: bool = False) -> "OnnxEngine":
         """dtype: None = int8 (or as the ONNX folder was exported), "float32" = export without quantizing.
         exact_batches (default): generate the queries of a batch one by one, so an answer never depends on
         what it was batched with; False: as one batch, ~2.2x the throughput with 32 clients, but a near-tie
-        token can then come out differently (7 of 400 queries, BENCHMARKS.md)."""
+        token can then come out differently (7 of 400 queries, BENCHMARKS.md).
+        speculative: greedy answers with prompt-lookup drafts (reformulation.speculative), checked several tokens
+        per decoder pass: the same answers as plain greedy in float32; in int8 a near-tie token can come out
+        differently, since MLAS rounds a many-row pass unlike a one-row step (1 of 300 test questions)."""
         try:
             import onnxruntime  # noqa: F401
         except ImportError as err:
@@ -56,9 +61,13 @@ class OnnxEngine(Engine):
             raise EngineError(f"{path}: could not load ({type(err).__name__}: {first_line(err)})") from None
         self.model, self.tokenizer, self.path = model, tok, str(path)
         quantization = model.info.get("quantization")
+        if speculative and not model.many:
+            raise EngineError(f"{path} was exported with a one-position decoder: re-export it (`python -m convert "
+                              "to-onnx`) for speculative decoding")
         self.options = {"dtype": f"int{quantization['bits']}" if quantization else "float32",
-                        "exact_batches": exact_batches}
-        self.exact_batches = exact_batches
+                        "exact_batches": exact_batches, "speculative": speculative}
+        self.exact_batches, self.speculative = exact_batches, speculative
+        self._keys = piece_keys(tok) if speculative else None
         self.load_seconds = time.perf_counter() - start
         return self
 
@@ -86,6 +95,8 @@ class OnnxEngine(Engine):
         if options.num_beams > 1:
             out = self.model.beam_search(ids, mask, max_new_tokens=options.max_new_tokens,
                                          num_beams=options.num_beams, min_new_tokens=min_new)
+        elif self.speculative and options.temperature == 0 and not min_new:
+            out = self.model.speculative(ids, mask, max_new_tokens=options.max_new_tokens, keys=self._keys)
         else:
             out = self.model.generate(ids, mask, max_new_tokens=options.max_new_tokens,
                                       temperature=options.temperature, min_new_tokens=min_new)

@@ -113,10 +113,10 @@ class OnnxT5:
                 feed[name] = np.ascontiguousarray(feed[name][:, :, :length])
 
     def speculative(self, input_ids, attention_mask=None, max_new_tokens: int = 64, draft_tokens: int = 8,
-                    stats: Optional[dict] = None) -> np.ndarray:
-        """Greedy decoding with prompt-lookup drafts (reformulation.speculative), row by row: the same tokens as
-        generate() (decoder start first, rows that ended padded), in fewer decoder passes. `stats` (a dict)
-        receives the passes and tokens."""
+                    stats: Optional[dict] = None, keys=None) -> np.ndarray:
+        """Greedy decoding with prompt-lookup drafts (reformulation.speculative), row by row: each row's tokens
+        as generate() gives them for that row alone (decoder start first, rows that ended padded), in fewer
+        decoder passes. `stats` (a dict) receives the passes and tokens; `keys`: speculative.piece_keys."""
         from reformulation.speculative import greedy
 
         input_ids = np.asarray(input_ids, dtype=np.int64)
@@ -130,7 +130,7 @@ class OnnxT5:
                 return self.decode(feed, np.array([tokens], np.int64), t)[0]
 
             rows.append(greedy(decode, lambda length: self.truncate(feed, length), ids[keep].tolist(), self.start,
-                               self.eos.tolist(), max_new_tokens, draft_tokens, stats))
+                               self.eos.tolist(), max_new_tokens, draft_tokens, stats, keys=keys))
         width = max(map(len, rows))
         return np.array([row + [self.pad] * (width - len(row)) for row in rows], np.int64)
 

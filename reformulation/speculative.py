@@ -20,27 +20,43 @@ NGRAM_MAX = 3  # the longest suffix of the output looked up in the input
 NGRAM_MIN = 1
 
 
-def propose(source: Sequence[int], output: Sequence[int], k: int, ngram_max: int = NGRAM_MAX,
-            ngram_min: int = NGRAM_MIN) -> list[int]:
-    """Up to k draft tokens: what follows the latest occurrence in `source` of the longest suffix of `output`
-    (ngram_max .. ngram_min tokens) that occurs there, when something follows it; else none."""
-    if k <= 0:
+def propose(source: Sequence[int], output: Sequence[int], k: int, keys: Optional[Sequence] = None,
+            ngram_max: int = NGRAM_MAX, ngram_min: int = NGRAM_MIN) -> list[int]:
+    """Up to k draft tokens: what followed the latest earlier occurrence of the longest suffix of `output`
+    (ngram_max .. ngram_min tokens), looked up in the output itself (a repeated pattern: "X Area|Y Area"),
+    then in `source`. `keys[id]` (optional) is what ids are compared by: with the pieces' text without
+    SentencePiece's word-start mark, "Philippine" after a "|" matches "▁Philippine" in the question."""
+    if k <= 0 or not output:
         return []
-    source = list(source)
+    key = (lambda ids: list(ids)) if keys is None else (lambda ids: [keys[i] if i < len(keys) else i for i in ids])
     for n in range(min(ngram_max, len(output)), ngram_min - 1, -1):
-        suffix = list(output[-n:])
-        for start in range(len(source) - n - 1, -1, -1):  # latest first; a match must be followed by a token
-            if source[start: start + n] == suffix:
-                return source[start + n: start + n + k]
+        suffix = key(output[-n:])
+        for seq in (list(output), list(source)):
+            hay = key(seq)
+            last = len(seq) - n - 1  # a match must be followed by a token (in the output: before the suffix)
+            for start in range(last, -1, -1):
+                if hay[start: start + n] == suffix:
+                    return seq[start + n: start + n + k]
     return []
+
+
+def piece_keys(tokenizer) -> list:
+    """keys for propose(): each id's piece without the word-start mark "▁" (SentencePiece tokenizers)."""
+    keys = [None] * len(tokenizer)
+    for piece, i in tokenizer.get_vocab().items():
+        if i < len(keys):
+            keys[i] = piece.lstrip("▁") or piece
+    return keys
 
 
 def greedy(decode: Callable[[list[int], int], np.ndarray], truncate: Callable[[int], None], source: Sequence[int],
            start: int, eos: Sequence[int], max_new_tokens: int, draft_tokens: int = 8,
-           stats: Optional[dict] = None, proposer: Callable = propose) -> list[int]:
+           stats: Optional[dict] = None, proposer: Optional[Callable] = None, keys: Optional[Sequence] = None
+           ) -> list[int]:
     """Greedy decoding of one row with drafts from `proposer(source, output, k)` (prompt lookup): [start,
     token 1, ...] up to EOS (included) or max_new_tokens, the same tokens as plain greedy whatever the drafts.
-    `stats` gets "passes" and "tokens" added to it."""
+    `stats` gets "passes" and "tokens" added to it; `keys` go to propose()."""
+    proposer = proposer or (lambda src, out, k: propose(src, out, k, keys))
     tokens, t, passes, eos = [start], 0, 0, set(eos)
     while len(tokens) - 1 < max_new_tokens:
         room = max_new_tokens - (len(tokens) - 1) - 1  # a pass yields the accepted drafts + one more token

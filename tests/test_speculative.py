@@ -2,6 +2,8 @@
 on a toy engine, and on exported ONNX models (float32 and int8) with padded batches whose rows end at different
 steps, with drafts that are all right, partly wrong or absent."""
 
+import json
+
 import numpy as np
 import pytest
 
@@ -20,6 +22,12 @@ def test_propose_takes_what_follows_the_longest_latest_match():
     assert propose(source, [4, 8], k=4) == [9, 5, 6, 10]  # "4 8" is absent; "8" is there
     assert propose(source, [11], k=3) == [] and propose(source, [42], k=3) == [] and propose(source, [], k=3) == []
     assert propose(source, [7], k=0) == []
+    assert propose(source, [20, 21, 30, 20], k=2) == [21, 30]  # the output's own pattern first ("X Area|Y Area")
+    # compared by keys: 105 ("Philippine" after a "|") stands for 5 ("▁Philippine" in the question)
+    keys = list(range(120))
+    keys[105] = 5
+    assert propose(source, [1, 105], k=2) == [] and propose(source, [1, 105], k=2, keys=keys[:100]) == []
+    assert propose(source, [1, 105], k=2, keys=keys) == [6, 10]
 
 
 class ToyEngine:
@@ -120,3 +128,31 @@ def test_onnx_multi_position_pass_and_rollback(corrupt, tokenizer, tmp_path):
     one = np.stack([onnx_model.step(feed_one, np.array([tok]), t) for t, tok in enumerate(want[:6])], axis=1)
     many = onnx_model.decode(feed_many, np.array([want[:6]]), 0)
     assert np.abs(many - one).max() <= 1e-4 * np.abs(one).max()
+
+
+@pytest.mark.parametrize("quantize", [False, True], ids=["float32", "int8"])
+def test_onnx_engine_answers_the_same_with_speculative_on_and_off(quantize, tokenizer, tokenizer_dir, tmp_path):
+    """The serving switch: `--speculative` (OnnxEngine.load(speculative=True)) against the default, on copying
+    questions whose answers run to the token limit (long greedy answers: many drafts checked)."""
+    from onnx_t5.engine import OnnxEngine
+    from reformulation.engine import EngineError
+
+    batch = tokenizer(QUERIES, return_tensors="pt", padding=True)
+    (tmp_path / "m").mkdir()
+    export_folder(ending_model("v1-relu-tied", False, batch), tmp_path / "m", quantize=quantize, tokenizer=tokenizer)
+    queries = QUERIES + ["Nikola Tesla Nikola Tesla Nikola Tesla lifespan?"]
+    off = OnnxEngine().load(tmp_path / "m")
+    on = OnnxEngine().load(tmp_path / "m", speculative=True)
+    assert on.options["speculative"] and not off.options["speculative"]
+    for n in (4, 24):
+        assert on.generate(queries, max_new_tokens=n) == off.generate(queries, max_new_tokens=n)
+    stats = {}
+    ids = tokenizer(queries[-1:], return_tensors="np")["input_ids"]
+    on.model.speculative(ids, max_new_tokens=24, stats=stats, keys=on._keys)
+    assert stats["tokens"] >= 1
+
+    marker = json.loads((tmp_path / "m" / "onnx.json").read_text())
+    del marker["decoder_positions"]  # a folder exported before multi-position decoders
+    (tmp_path / "m" / "onnx.json").write_text(json.dumps(marker))
+    with pytest.raises(EngineError, match="re-export it"):
+        OnnxEngine().load(tmp_path / "m", speculative=True)
