@@ -775,6 +775,9 @@ def main(argv=None) -> int:
                         help="onnx backend: greedy answers with prompt-lookup drafts checked several tokens per pass "
                              "(1.2x faster on the quickstart model; float32: the same answers, int8: near-ties can "
                              "differ, BENCHMARKS.md)")
+    parser.add_argument("--bits", type=int, choices=(4, 8), default=None,
+                        help="onnx backend, HF model exported on load: weight bits (default 8: no 4-bit variant held "
+                             "quality, BENCHMARKS.md \"4-bit weights\"; an ONNX folder keeps its own)")
     parser.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1: this machine only)")
     parser.add_argument("--port", type=int, default=8000)
     parser.add_argument("--max-batch", type=int, default=16, help="most queries generated together (default 16)")
@@ -831,6 +834,10 @@ def main(argv=None) -> int:
             if args.backend != "onnx":
                 parser.error("--onnx-batches applies to --backend onnx")
             load_options["exact_batches"] = False
+        if args.bits is not None:
+            if args.backend != "onnx":
+                parser.error("--bits applies to --backend onnx")
+            load_options["bits"] = args.bits
         if args.speculative:
             if args.backend != "onnx":
                 parser.error("--speculative applies to --backend onnx")
