@@ -42,3 +42,15 @@ def test_mlx_engine_same_answers_on_and_off(tokenizer_dir, tmp_path):
     on, off = MLXEngine().load(folder, speculative=True), MLXEngine().load(folder)
     assert on.describe()["speculative"] is True and off.describe()["speculative"] is False
     assert on.generate(QUERIES, max_new_tokens=20) == off.generate(QUERIES, max_new_tokens=20)
+
+
+def test_chat_speculative_flag(tokenizer_dir, tmp_path):
+    """chat.py --speculative reaches the engine (and is ignored by backends without it)."""
+    from rich.console import Console
+
+    from serving.chat import Chat
+
+    folder = save_model("odd-heads", tmp_path / "hf", tokenizer_dir, seed=3)
+    chat = Chat(Console(quiet=True), "mlx", str(folder), speculative=True)
+    chat.load("mlx", str(folder))
+    assert chat.backend.describe()["speculative"] is True
