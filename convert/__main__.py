@@ -92,15 +92,18 @@ def to_gguf(args, console):
 def to_onnx(args, console):
     from pathlib import Path
 
-    from onnx_t5.export import ExportError, export
+    from onnx_t5.export import ExportError, export, quantization
 
     with console.status(f"exporting {args.model} to ONNX"):
         try:
-            out = export(args.model, args.out, quantize=not args.float32, tokenizer=args.tokenizer)
+            bits, block_size, method = quantization(args.bits, args.block_size, args.quantizer)
+            out = export(args.model, args.out, quantize=not args.float32, tokenizer=args.tokenizer, bits=bits,
+                         block_size=block_size, method=method)
         except ExportError as err:
             raise ConvertError(str(err)) from None
     size = sum(f.stat().st_size for f in Path(out).iterdir() if f.suffix in (".onnx", ".data"))
-    what = "float32" if args.float32 else "int8 weights (MatMulNBits, blocks of 128)"
+    what = "float32" if args.float32 else \
+        f"int{bits} weights (MatMulNBits, {method}, blocks of {block_size})"
     return f"{out} ({what}, {_size(size)}; serve with --backend onnx)"
 
 
@@ -159,7 +162,16 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("to-onnx", help="HF checkpoint -> ONNX Runtime folder (int8) for --backend onnx")
     p.add_argument("--model", required=True, help="HF folder or hub id (float weights)")
     p.add_argument("--out", required=True, help=out_help)
-    p.add_argument("--float32", action="store_true", help="keep float32 weights (default: 8-bit)")
+    p.add_argument("--float32", action="store_true", help="keep float32 weights (default: quantized, --bits)")
+    from onnx_t5.export import BITS, DEFAULT_BITS, METHODS
+
+    p.add_argument("--bits", type=int, choices=BITS, default=DEFAULT_BITS,
+                   help=f"weight bits of every matmul (default {DEFAULT_BITS}: BENCHMARKS.md, \"4-bit weights\")")
+    p.add_argument("--block-size", type=int, choices=(32, 64, 128), default=None,
+                   help="inputs per quantization block (default: 128 for 8 bits, the measured best for 4)")
+    p.add_argument("--quantizer", choices=METHODS, default=None,
+                   help="4-bit quantizer: rtn (symmetric round-to-nearest), rtn-asym (with zero points), hqq "
+                        "(default: the measured best)")
     p.add_argument("--tokenizer", default=None, help="tokenizer folder if --model has none")
     p.set_defaults(run=to_onnx)
     return parser

@@ -103,6 +103,38 @@ def _iterate(model: Model, input_ids: mx.array, attention_mask: mx.array, max_ne
             tokens, finished = next_tokens, next_finished
 
 
+def speculative_tokens(model: Model, input_ids, attention_mask=None, max_new_tokens: int = 64,
+                       draft_tokens: int = 8, keys=None, proposer=None, stats: Optional[dict] = None
+                       ) -> list[list[int]]:
+    """Greedy decoding by prompt lookup (reformulation.speculative.greedy), row by row: each row's new tokens
+    (EOS last where produced), the same as plain greedy's, in fewer decoder passes. The decoder takes
+    several positions against the KV cache (causal among themselves, relative positions from the cached
+    length); rejected drafts are dropped by moving each layer's cache offset back."""
+    from reformulation.speculative import greedy
+
+    args = model.args
+    input_ids = np.asarray(input_ids, np.int64)
+    mask = np.ones_like(input_ids) if attention_mask is None else np.asarray(attention_mask)
+    rows = []
+    for ids, keep in zip(input_ids, mask == 1):
+        source = ids[keep].tolist()
+        memory = model.encode(mx.array([source]))
+        cache = model.make_cache()
+
+        def decode(tokens: list[int], t: int) -> np.ndarray:
+            assert cache[0].offset == t, (cache[0].offset, t)
+            return np.array(model.decode(mx.array([tokens]), memory, None, cache)[0].astype(mx.float32))
+
+        def truncate(length: int) -> None:
+            for layer in cache:
+                layer.offset = min(layer.offset, length)
+
+        out = greedy(decode, truncate, source, args.decoder_start_token_id, _eos_ids(model), max_new_tokens,
+                     draft_tokens, stats, proposer, keys)
+        rows.append(out[1:])
+    return rows
+
+
 def _trim(rows: np.ndarray, eos_ids: Sequence[int]) -> list[list[int]]:
     """(B, T) step tokens -> per row, the tokens through its first EOS (the pad after it dropped)."""
     out = []
@@ -155,7 +187,8 @@ def _beam_search(model: Model, input_ids: mx.array, attention_mask: mx.array, ma
 def generate_tokens(model: Model, input_ids, attention_mask=None, *, max_new_tokens: int = 64, num_beams: int = 1,
                     length_penalty: float = 1.0, early_stopping: Union[bool, str] = False,
                     num_return_sequences: int = 1, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
-                    seed: Optional[int] = None, ignore_eos: bool = False) -> list[list[int]]:
+                    seed: Optional[int] = None, ignore_eos: bool = False, speculative: bool = False,
+                    keys=None) -> list[list[int]]:
     """Generate token ids for a batch of already tokenized inputs.
 
     Args:
@@ -170,6 +203,8 @@ def generate_tokens(model: Model, input_ids, attention_mask=None, *, max_new_tok
         seed: seeds MLX's global random state for reproducible sampling.
         ignore_eos: EOS is never produced (its logit is masked, like transformers' min_new_tokens),
             so every sequence has exactly max_new_tokens tokens: for benchmarks.
+        speculative: greedy decoding by prompt lookup (speculative_tokens; keys: speculative.piece_keys),
+            the same tokens in fewer decoder passes; greedy without ignore_eos only.
 
     Returns:
         B * num_return_sequences lists (input-major): the new tokens, ending with EOS where the model
@@ -197,6 +232,8 @@ def generate_tokens(model: Model, input_ids, attention_mask=None, *, max_new_tok
     if num_beams > 1:
         return _beam_search(model, input_ids, attention_mask, max_new_tokens, num_beams, length_penalty,
                             early_stopping, num_return_sequences, ignore_eos)
+    if speculative and temperature == 0 and not ignore_eos:
+        return speculative_tokens(model, np.array(input_ids), np.array(attention_mask), max_new_tokens, keys=keys)
     if seed is not None:
         mx.random.seed(seed)
     if num_return_sequences > 1:  # independent samples: each input repeated, input-major like transformers
@@ -225,7 +262,8 @@ def _sources(queries, raw: bool) -> list[str]:
 def generate(model: Model, tokenizer, queries: Sequence[str], *, raw: bool = False, max_new_tokens: int = 64,
              num_beams: int = 1, length_penalty: float = 1.0, early_stopping: Union[bool, str] = False,
              num_return_sequences: int = 1, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
-             seed: Optional[int] = None, ignore_eos: bool = False, batch_size: int = 32) -> list[str]:
+             seed: Optional[int] = None, ignore_eos: bool = False, batch_size: int = 32,
+             speculative: bool = False, keys=None) -> list[str]:
     """Reformulate queries: text in, generated text out.
 
     Each query goes through `reformulation.data.format_source` (the "reformulate: " prompt prefix and the
@@ -252,7 +290,8 @@ def generate(model: Model, tokenizer, queries: Sequence[str], *, raw: bool = Fal
     out = []
     for i in range(0, len(sources), batch_size):
         enc = tokenizer(sources[i:i + batch_size], padding=True, return_tensors="np")
-        ids = generate_tokens(model, enc["input_ids"], enc["attention_mask"], ignore_eos=ignore_eos, **options)
+        ids = generate_tokens(model, enc["input_ids"], enc["attention_mask"], ignore_eos=ignore_eos,
+                              speculative=speculative, keys=keys, **options)
         out.extend(_decode(tokenizer, seq) for seq in ids)
     return out
 

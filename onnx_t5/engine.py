@@ -9,7 +9,7 @@ from reformulation.data import format_source, text_pieces
 from reformulation.engine import Engine, EngineError, first_line
 from reformulation.speculative import piece_keys
 
-from .export import ExportError, export
+from .export import DEFAULT_BITS, ExportError, export
 from .runtime import OnnxLoadError, OnnxT5, is_onnx_folder, load
 
 
@@ -27,8 +27,10 @@ class OnnxEngine(Engine):
         self.threads = 1  # one decoding row is too small to split (BENCHMARKS.md#serving)
 
     def load(self, path, dtype: Optional[str] = None, tokenizer: Optional[str] = None,
-             threads: Optional[int] = None, exact_batches: bool = True, speculative: bool = False) -> "OnnxEngine":
-        """dtype: None = int8 (or as the ONNX folder was exported), "float32" = export without quantizing.
+             threads: Optional[int] = None, exact_batches: bool = True, speculative: bool = False,
+             bits: Optional[int] = None) -> "OnnxEngine":
+        """dtype: None = quantized (or as the ONNX folder was exported), "float32" = export without quantizing;
+        bits: of an HF model exported on load (8 when None; 4: --bits 4).
         exact_batches (default): generate the queries of a batch one by one, so an answer never depends on
         what it was batched with; False: as one batch, ~2.2x the throughput with 32 clients, but a near-tie
         token can then come out differently (7 of 400 queries, BENCHMARKS.md).
@@ -48,11 +50,12 @@ class OnnxEngine(Engine):
         folder = Path(path).expanduser()
         try:
             if is_onnx_folder(folder):
-                if dtype == "float32":
-                    raise EngineError(f"{path} is an exported ONNX folder: its dtype was chosen at export")
+                if dtype == "float32" or bits is not None:
+                    raise EngineError(f"{path} is an exported ONNX folder: its dtype and bits were chosen at export")
             else:
                 self._exported = tempfile.TemporaryDirectory(prefix="onnx-t5-")
                 folder = export(path, Path(self._exported.name) / "model", quantize=dtype != "float32",
+                                bits=DEFAULT_BITS if bits is None else bits,
                                 tokenizer=tokenizer)
             model, tok = load(folder, threads=self.threads, tokenizer=tokenizer)
         except (ExportError, OnnxLoadError) as err:

@@ -24,6 +24,9 @@ Export runs transformers' own encoder through torch's TorchScript-based exporter
 on transformers 5's mask functions; optimum's exporter needs transformers < 4.58); the decoder step is
 written out below with the model's own modules.
 
+bits=4 (``--bits 4``) writes 4-bit ``MatMulNBits`` instead (rtn, rtn-asym or hqq; blocks of 32/64/128): faster
+but below the quality bar on the models measured, so 8 stays the default (BENCHMARKS.md, "4-bit weights").
+
     from onnx_t5.export import export
     export("runs/base/final", "runs/base/onnx")            # int8; quantize=False keeps float32
     python -m convert to-onnx --model runs/base/final --out runs/base/onnx
@@ -44,6 +47,23 @@ FORMAT = "onnx-t5"
 MARKER = "onnx.json"
 OPSET = 17
 BLOCK_SIZE = 128
+BITS = (8, 4)
+METHODS = ("rtn", "rtn-asym", "hqq")  # 4-bit quantizers (quantize_matmuls)
+DEFAULT_BITS = 8
+DEFAULT_4BIT = {"block_size": 32, "method": "rtn-asym"}  # best 4-bit quality with a fast kernel (BENCHMARKS.md)
+
+
+def quantization(bits: int = DEFAULT_BITS, block_size: Optional[int] = None, method: Optional[str] = None
+                 ) -> tuple[int, int, str]:
+    """(bits, block_size, method) with the defaults filled in: 8 bits: blocks of 128, rtn; 4 bits: the best
+    measured variant."""
+    if bits not in BITS:
+        raise ExportError(f"bits must be one of {', '.join(map(str, BITS))}, got {bits!r}")
+    if bits == 8:
+        return bits, block_size or BLOCK_SIZE, method or "rtn"
+    return bits, block_size or DEFAULT_4BIT["block_size"], method or DEFAULT_4BIT["method"]
+
+
 
 
 class ExportError(RuntimeError):
@@ -210,8 +230,8 @@ def _export(module, args, path: Path, names_in, names_out, dynamic, contrib: boo
     return graph
 
 
-def export_folder(model, out_dir, quantize: bool = True, block_size: int = BLOCK_SIZE, tokenizer=None,
-                  source: Optional[str] = None) -> dict:
+def export_folder(model, out_dir, quantize: bool = True, block_size: Optional[int] = None, tokenizer=None,
+                  source: Optional[str] = None, bits: int = DEFAULT_BITS, method: Optional[str] = None) -> dict:
     """Write what onnx_t5.load reads for a T5ForConditionalGeneration into the existing folder out_dir:
     encoder.onnx, decoder.onnx, config.json, generation_config.json, onnx.json (returned) and the tokenizer
     if one is given."""
@@ -220,6 +240,7 @@ def export_folder(model, out_dir, quantize: bool = True, block_size: int = BLOCK
     config = model.config
     if getattr(config, "model_type", None) != "t5":
         raise ExportError(f"onnx export handles T5 models, got model_type {getattr(config, 'model_type', None)!r}")
+    bits, block_size, method = quantization(bits, block_size, method)
     model = model.float().eval()
     Encoder, DecoderStep = _modules()
     out_dir = Path(out_dir)
@@ -245,11 +266,11 @@ def export_folder(model, out_dir, quantize: bool = True, block_size: int = BLOCK
               "parameters": sum(p.numel() for p in model.parameters()), "quantization": None}  # tied: counted once
     for name, graph in (("encoder.onnx", encoder), ("decoder.onnx", decoder)):
         if quantize:
-            quantize_matmuls(graph, block_size)
+            quantize_matmuls(graph, block_size, bits, method)
         _save(graph, out_dir / name)
     if quantize:
-        marker["quantization"] = {"method": "MatMulNBits", "bits": 8, "block_size": block_size, "symmetric": True,
-                                  "accuracy_level": 4}
+        marker["quantization"] = {"method": "MatMulNBits", "bits": bits, "block_size": block_size,
+                                  "symmetric": method == "rtn", "quantizer": method, "accuracy_level": 4}
     model.config.save_pretrained(out_dir)
     model.generation_config.save_pretrained(out_dir)
     if tokenizer is not None:
@@ -270,11 +291,18 @@ def _save(graph, path: Path) -> None:
     onnx.save(graph, str(path), save_as_external_data=big, location=path.name + ".data")
 
 
-def quantize_matmuls(graph, block_size: int = BLOCK_SIZE) -> int:
-    """Replace every MatMul / Gemm whose weight is a 2-D initializer by MatMulNBits (8-bit, symmetric,
-    blocks of block_size inputs, int8 activations); returns how many. Embedding tables (Gather) stay float."""
+def quantize_matmuls(graph, block_size: int = BLOCK_SIZE, bits: int = 8, method: str = "rtn") -> int:
+    """Replace every MatMul / Gemm whose weight is a 2-D initializer by MatMulNBits (blocks of block_size
+    inputs, int8 activations); returns how many. Embedding tables (Gather) stay float.
+    bits 8: symmetric, one scale per block. bits 4: method "rtn" (round to nearest, symmetric: ONNX Runtime's
+    own quantize_matmul_4bits kernel), "rtn-asym" (the same with a 4-bit zero point per block) or "hqq"
+    (Half-Quadratic Quantization, ONNX Runtime's implementation: float zero points, optimised per block)."""
     from onnx import helper, numpy_helper
 
+    if bits not in BITS:
+        raise ExportError(f"bits must be one of {', '.join(map(str, BITS))}, got {bits!r}")
+    if bits == 8 and method != "rtn" or method not in METHODS:
+        raise ExportError(f"quantization method {method!r}: 8 bits take rtn; 4 bits {', '.join(METHODS)}")
     g = graph.graph
     inits = {init.name: init for init in g.initializer}
     nodes, count = [], 0
@@ -287,18 +315,20 @@ def quantize_matmuls(graph, block_size: int = BLOCK_SIZE) -> int:
         if node.op_type == "MatMul":
             w = w.T  # MatMul's B is (in, out); MatMulNBits stores (out, in)
         N, K = w.shape
-        blocks = -(-K // block_size)
-        padded = np.zeros((N, blocks * block_size), np.float32)
-        padded[:, :K] = w
-        padded = padded.reshape(N, blocks, block_size)
-        scale = np.abs(padded).max(axis=-1) / 127.0
-        q = np.round(padded / np.where(scale == 0, 1.0, scale)[..., None]).clip(-127, 127)
-        base = f"{weight}.q8"
-        g.initializer.append(numpy_helper.from_array((q + 128).astype(np.uint8), base))  # zero point 128
-        g.initializer.append(numpy_helper.from_array(scale.astype(np.float32).reshape(-1), base + ".scale"))
-        nodes.append(helper.make_node("MatMulNBits", [node.input[0], base, base + ".scale"], list(node.output),
-                                      name=node.name + ".q8", domain="com.microsoft", K=K, N=N, bits=8,
-                                      block_size=block_size, accuracy_level=4))
+        base = f"{weight}.q{bits}"
+        if bits == 8:
+            q, scale, zero = _int8_blocks(w, block_size)
+        else:
+            q, scale, zero = _int4_blocks(w, block_size, method)
+        g.initializer.append(numpy_helper.from_array(q, base))
+        g.initializer.append(numpy_helper.from_array(scale.reshape(-1), base + ".scale"))
+        inputs = [node.input[0], base, base + ".scale"]
+        if zero is not None:
+            g.initializer.append(numpy_helper.from_array(zero, base + ".zero"))
+            inputs.append(base + ".zero")
+        nodes.append(helper.make_node("MatMulNBits", inputs, list(node.output), name=node.name + f".q{bits}",
+                                      domain="com.microsoft", K=K, N=N, bits=bits, block_size=block_size,
+                                      accuracy_level=4))
         count += 1
     del g.node[:]
     g.node.extend(nodes)
@@ -309,6 +339,57 @@ def quantize_matmuls(graph, block_size: int = BLOCK_SIZE) -> int:
     if not any(op.domain == "com.microsoft" for op in graph.opset_import):
         graph.opset_import.append(helper.make_opsetid("com.microsoft", 1))
     return count
+
+
+def _int8_blocks(w: np.ndarray, block_size: int):
+    """(out, in) float weights -> MatMulNBits' 8-bit blocks (zero point 128, implicit), scales, None."""
+    N, K = w.shape
+    blocks = -(-K // block_size)
+    padded = np.zeros((N, blocks * block_size), np.float32)
+    padded[:, :K] = w
+    padded = padded.reshape(N, blocks, block_size)
+    scale = np.abs(padded).max(axis=-1) / 127.0
+    q = np.round(padded / np.where(scale == 0, 1.0, scale)[..., None]).clip(-127, 127)
+    return (q + 128).astype(np.uint8), scale.astype(np.float32), None
+
+
+def _int4_blocks(w: np.ndarray, block_size: int, method: str):
+    """(out, in) float weights -> MatMulNBits' 4-bit blocks (N, blocks, block_size / 2), scales, zero points
+    (None: symmetric, implicit 8)."""
+    N, K = w.shape
+    blocks = -(-K // block_size)
+    if method == "hqq":
+        return _hqq_blocks(w, block_size)
+    from onnxruntime.capi._pybind_state import quantize_matmul_4bits
+
+    symmetric = method == "rtn"
+    padded = np.zeros((blocks * block_size, N), np.float32)  # the kernel takes (K, N), K padded to blocks
+    padded[:K] = w.T
+    packed = np.zeros((N, blocks, block_size // 2), np.uint8)
+    zero = np.zeros((N, (blocks + 1) // 2), np.uint8)
+    scale = np.zeros((N, blocks), np.float32)
+    quantize_matmul_4bits(packed, padded, scale, zero, block_size, N, K, symmetric)
+    return packed, scale, None if symmetric else zero
+
+
+def _hqq_blocks(w: np.ndarray, block_size: int):
+    """HQQ (ONNX Runtime's HQQWeightOnlyQuantizer.quantize_internal, the reference algorithm; torch): 4-bit
+    codes with a float scale and zero point per block, fitted to minimise the reconstruction error."""
+    import sys
+    import types
+
+    import torch
+
+    # the quantizer's module imports onnx_ir for graph rewriting this function does not use
+    sys.modules.setdefault("onnx_ir", types.ModuleType("onnx_ir"))
+    from onnxruntime.quantization.matmul_nbits_quantizer import HQQWeightOnlyQuantizer
+
+    N, K = w.shape
+    q, scale, zero = HQQWeightOnlyQuantizer(None).quantize_internal(torch.from_numpy(w.copy()), bits=4,
+                                                                   group_size=block_size)
+    q = q.numpy().astype(np.uint8)  # (N, padded K)
+    packed = (q[:, 0::2] | (q[:, 1::2] << 4)).reshape(N, -1, block_size // 2)
+    return packed, scale.numpy().astype(np.float32), zero.numpy().astype(np.float32).reshape(-1)
 
 
 def _weight_of(node, inits) -> Optional[str]:
@@ -328,8 +409,8 @@ def _weight_of(node, inits) -> Optional[str]:
     return weight if len(init.dims) == 2 and init.data_type == 1 else None  # 1 = FLOAT
 
 
-def export(model_path, out_dir, quantize: bool = True, block_size: int = BLOCK_SIZE,
-           tokenizer: Optional[str] = None) -> Path:
+def export(model_path, out_dir, quantize: bool = True, block_size: Optional[int] = None,
+           tokenizer: Optional[str] = None, bits: int = DEFAULT_BITS, method: Optional[str] = None) -> Path:
     """HF folder or hub id -> an ONNX folder (encoder.onnx, decoder.onnx, config, tokenizer, onnx.json) that
     onnx_t5.load reads. The folder is written next to out_dir and renamed into place when complete."""
     from transformers import AutoTokenizer, T5ForConditionalGeneration
@@ -360,5 +441,6 @@ def export(model_path, out_dir, quantize: bool = True, block_size: int = BLOCK_S
             hf_logging.enable_progress_bar()
     out = Path(out_dir).expanduser()
     with atomic_dir(out) as tmp:  # a reader sees the old folder or the new one, never neither
-        export_folder(model, tmp, quantize=quantize, block_size=block_size, tokenizer=tok, source=str(model_path))
+        export_folder(model, tmp, quantize=quantize, block_size=block_size, tokenizer=tok, source=str(model_path),
+                      bits=bits, method=method)
     return out

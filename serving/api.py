@@ -772,9 +772,12 @@ def main(argv=None) -> int:
                         help="onnx backend: generate a micro-batch as one batch (~2.2x throughput at 32 clients) "
                              "instead of query by query; an answer can then depend on its batch at near-tie tokens")
     parser.add_argument("--speculative", action="store_true",
-                        help="onnx backend: greedy answers with prompt-lookup drafts checked several tokens per pass "
-                             "(1.2x faster on the quickstart model; float32: the same answers, int8: near-ties can "
-                             "differ, BENCHMARKS.md)")
+                        help="onnx and mlx backends: greedy answers with prompt-lookup drafts checked several tokens "
+                             "per pass (1.2-1.4x faster on the quickstart model; float32: the same answers, int8: "
+                             "near-ties can differ, BENCHMARKS.md)")
+    parser.add_argument("--bits", type=int, choices=(4, 8), default=None,
+                        help="onnx backend, HF model exported on load: weight bits (default 8: no 4-bit variant held "
+                             "quality, BENCHMARKS.md \"4-bit weights\"; an ONNX folder keeps its own)")
     parser.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1: this machine only)")
     parser.add_argument("--port", type=int, default=8000)
     parser.add_argument("--max-batch", type=int, default=16, help="most queries generated together (default 16)")
@@ -831,9 +834,13 @@ def main(argv=None) -> int:
             if args.backend != "onnx":
                 parser.error("--onnx-batches applies to --backend onnx")
             load_options["exact_batches"] = False
-        if args.speculative:
+        if args.bits is not None:
             if args.backend != "onnx":
-                parser.error("--speculative applies to --backend onnx")
+                parser.error("--bits applies to --backend onnx")
+            load_options["bits"] = args.bits
+        if args.speculative:
+            if args.backend not in ("onnx", "mlx"):
+                parser.error("--speculative applies to --backend onnx and mlx")
             load_options["speculative"] = True
         app = create_app(backend, model=args.model, load_options=load_options,
                          max_batch=args.max_batch, batch_window_ms=args.batch_window_ms, limits=limits,
