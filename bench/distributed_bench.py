@@ -20,13 +20,15 @@ Writes a rich table and bench/results/distributed.json.
 import argparse
 import json
 import os
-import platform
 import socket
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from machine import cpu_name  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 LAUNCH = Path(sys.executable).with_name("mlx.launch")
@@ -91,16 +93,6 @@ def allreduce_seconds(nbytes: int, reps: int = 10) -> float:
     if done.returncode or not lines:
         raise SystemExit(f"all-reduce benchmark failed:\n{done.stderr[-3000:]}")
     return json.loads(lines[-1])["seconds"]
-
-
-def cpu_name() -> str:
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
-        name = next(line.split(":", 1)[1].strip() for line in out.splitlines() if line.startswith("Model name"))
-        flags = out.split("Flags:", 1)[1] if "Flags:" in out else ""
-        return name + (", AVX-512" if "avx512f" in flags else ", AVX2") + f", {os.cpu_count()} cores"
-    except Exception:  # noqa: BLE001 - macOS has no lscpu
-        return platform.processor() or platform.machine()
 
 
 def projection(per_sample: float, batch: int, grad_bytes: int, link: float) -> list[dict]:

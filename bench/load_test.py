@@ -31,6 +31,7 @@ from collections import Counter
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from machine import cpu_name  # noqa: E402
 from serve_bench import (ROOT, TOKENIZER, build_model, free_port, percentile, pick_queries,  # noqa: E402
                          start_server)
 
@@ -194,14 +195,6 @@ def sequential_answers(url: str, bodies: list[dict]) -> list:
             r.raise_for_status()
             answers.append(r.json()["subqueries"])
     return answers
-
-
-def cpu_name() -> str:
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
-        return next(line.split(":", 1)[1].strip() for line in out.splitlines() if line.startswith("Model name"))
-    except (OSError, subprocess.CalledProcessError, StopIteration):
-        return platform.processor() or "unknown"
 
 
 def main(argv=None) -> int:

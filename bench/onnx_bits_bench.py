@@ -25,29 +25,17 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
+sys.path.insert(0, str(ROOT / "bench"))
 
 import numpy as np  # noqa: E402
 
+from machine import cpu_name, read_bandwidth  # noqa: E402
 from reformulation.io import atomic_write_json  # noqa: E402
 
 SHARED = ROOT.parent / "shared"
 INT8_STEP_BYTES = 38e6  # flan-t5-small: decoder matmuls + 32128 x 512 head, int8 (README, issue 15)
 VARIANTS = [("fp32", 32, None, None), ("int8", 8, 128, "rtn")] + [
     (f"int4-{method}-b{block}", 4, block, method) for method in ("rtn", "rtn-asym", "hqq") for block in (32, 64, 128)]
-
-
-def bandwidth(size_mb: int = 512, repeats: int = 5) -> float:
-    """Single-core read bandwidth in bytes/s: numpy summing a large float64 array (best of repeats)."""
-    a = np.ones(size_mb * 2**20 // 8)
-    a.sum()
-    best = min(_timed(a.sum) for _ in range(repeats))
-    return a.nbytes / best
-
-
-def _timed(fn) -> float:
-    t0 = time.perf_counter()
-    fn()
-    return time.perf_counter() - t0
 
 
 def export_variant(model, folder: Path, bits: int, block: int, method: str):
@@ -125,12 +113,12 @@ def main(argv=None) -> int:
     parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "onnx_bits.json"))
     args = parser.parse_args(argv)
     names = set(args.variants) | {"fp32"}
-    result = {"cpu": _cpu()}
+    result = {"cpu": cpu_name()}
     with tempfile.TemporaryDirectory() as tmp:
         if args.model and not args.skip_quality:
             result["quality"] = quality(args.model, args.data, names, Path(tmp), args.limit)
         if not args.skip_latency:
-            bw = bandwidth()
+            bw = read_bandwidth()
             lat = latency(names | {"int8"}, Path(tmp), args.repeats)
             floor = INT8_STEP_BYTES * 30 / bw * 1000
             for row in lat.values():
@@ -161,16 +149,6 @@ def main(argv=None) -> int:
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     atomic_write_json(Path(args.out), result)
     return 0
-
-
-def _cpu() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return ""
 
 
 if __name__ == "__main__":

@@ -38,10 +38,13 @@ class MLXEngine(Engine):
         except (OSError, ValueError) as err:
             raise EngineError(f"{path}: could not load ({type(err).__name__}: {first_line(err)})") from None
         self.model, self.tokenizer, self.path = model, tok, str(path)
-        from reformulation.speculative import piece_keys
+        from reformulation.speculative import Drafts
 
         self.speculative = bool(speculative)
-        self._keys = piece_keys(tok) if speculative else None
+        try:
+            self._drafts = Drafts.for_model(tok, Path(path).expanduser()) if speculative else None
+        except ValueError as err:
+            raise EngineError(str(err)) from None
         self.options = {"dtype": dtype or _dtype_name(model), "speculative": self.speculative}
         self.load_seconds = time.perf_counter() - start
         return self
@@ -57,7 +60,7 @@ class MLXEngine(Engine):
         # ignore_eos (benchmarks): EOS masked, exactly max_new_tokens tokens per query
         texts = generate(self.model, self.tokenizer, queries, num_beams=options.num_beams,
                          max_new_tokens=options.max_new_tokens, temperature=options.temperature,
-                         ignore_eos=options.ignore_eos, speculative=self.speculative, keys=self._keys)
+                         ignore_eos=options.ignore_eos, speculative=self.speculative, drafts=self._drafts)
         return [t.strip() for t in texts]
 
     def _stream(self, query, options):

@@ -104,13 +104,16 @@ def _iterate(model: Model, input_ids: mx.array, attention_mask: mx.array, max_ne
 
 
 def speculative_tokens(model: Model, input_ids, attention_mask=None, max_new_tokens: int = 64,
-                       draft_tokens: int = 8, keys=None, proposer=None, stats: Optional[dict] = None
+                       draft_tokens: Optional[int] = None, drafts=None, stats: Optional[dict] = None
                        ) -> list[list[int]]:
-    """Greedy decoding by prompt lookup (reformulation.speculative.greedy), row by row: each row's new tokens
-    (EOS last where produced), the same as plain greedy's, in fewer decoder passes. The decoder takes
-    several positions against the KV cache (causal among themselves, relative positions from the cached
-    length); rejected drafts are dropped by moving each layer's cache offset back."""
-    from reformulation.speculative import greedy
+    """Greedy decoding with looked-up drafts (reformulation.speculative.greedy; drafts: a speculative.Drafts,
+    default prompt lookup by id), row by row: each row's new tokens (EOS last where produced), the same as plain
+    greedy's, in fewer decoder passes. The decoder takes several positions against the KV cache (causal among
+    themselves, relative positions from the cached length); rejected drafts are dropped by moving each layer's
+    cache offset back."""
+    from reformulation.speculative import DRAFT_TOKENS, Drafts, greedy
+
+    drafts = drafts or Drafts()
 
     args = model.args
     input_ids = np.asarray(input_ids, np.int64)
@@ -129,8 +132,8 @@ def speculative_tokens(model: Model, input_ids, attention_mask=None, max_new_tok
             for layer in cache:
                 layer.offset = min(layer.offset, length)
 
-        out = greedy(decode, truncate, source, args.decoder_start_token_id, _eos_ids(model), max_new_tokens,
-                     draft_tokens, stats, proposer, keys)
+        out = greedy(decode, truncate, args.decoder_start_token_id, _eos_ids(model), max_new_tokens,
+                     drafts.row(source), draft_tokens or DRAFT_TOKENS, stats)
         rows.append(out[1:])
     return rows
 
@@ -188,7 +191,7 @@ def generate_tokens(model: Model, input_ids, attention_mask=None, *, max_new_tok
                     length_penalty: float = 1.0, early_stopping: Union[bool, str] = False,
                     num_return_sequences: int = 1, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
                     seed: Optional[int] = None, ignore_eos: bool = False, speculative: bool = False,
-                    keys=None) -> list[list[int]]:
+                    drafts=None) -> list[list[int]]:
     """Generate token ids for a batch of already tokenized inputs.
 
     Args:
@@ -203,7 +206,7 @@ def generate_tokens(model: Model, input_ids, attention_mask=None, *, max_new_tok
         seed: seeds MLX's global random state for reproducible sampling.
         ignore_eos: EOS is never produced (its logit is masked, like transformers' min_new_tokens),
             so every sequence has exactly max_new_tokens tokens: for benchmarks.
-        speculative: greedy decoding by prompt lookup (speculative_tokens; keys: speculative.piece_keys),
+        speculative: greedy decoding with looked-up drafts (speculative_tokens; drafts: speculative.Drafts),
             the same tokens in fewer decoder passes; greedy without ignore_eos only.
 
     Returns:
@@ -233,7 +236,8 @@ def generate_tokens(model: Model, input_ids, attention_mask=None, *, max_new_tok
         return _beam_search(model, input_ids, attention_mask, max_new_tokens, num_beams, length_penalty,
                             early_stopping, num_return_sequences, ignore_eos)
     if speculative and temperature == 0 and not ignore_eos:
-        return speculative_tokens(model, np.array(input_ids), np.array(attention_mask), max_new_tokens, keys=keys)
+        return speculative_tokens(model, np.array(input_ids), np.array(attention_mask), max_new_tokens,
+                                  drafts=drafts)
     if seed is not None:
         mx.random.seed(seed)
     if num_return_sequences > 1:  # independent samples: each input repeated, input-major like transformers
@@ -263,7 +267,7 @@ def generate(model: Model, tokenizer, queries: Sequence[str], *, raw: bool = Fal
              num_beams: int = 1, length_penalty: float = 1.0, early_stopping: Union[bool, str] = False,
              num_return_sequences: int = 1, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
              seed: Optional[int] = None, ignore_eos: bool = False, batch_size: int = 32,
-             speculative: bool = False, keys=None) -> list[str]:
+             speculative: bool = False, drafts=None) -> list[str]:
     """Reformulate queries: text in, generated text out.
 
     Each query goes through `reformulation.data.format_source` (the "reformulate: " prompt prefix and the
@@ -291,7 +295,7 @@ def generate(model: Model, tokenizer, queries: Sequence[str], *, raw: bool = Fal
     for i in range(0, len(sources), batch_size):
         enc = tokenizer(sources[i:i + batch_size], padding=True, return_tensors="np")
         ids = generate_tokens(model, enc["input_ids"], enc["attention_mask"], ignore_eos=ignore_eos,
-                              speculative=speculative, keys=keys, **options)
+                              speculative=speculative, drafts=drafts, **options)
         out.extend(_decode(tokenizer, seq) for seq in ids)
     return out
 

@@ -37,7 +37,7 @@ from reformulation.data import DuplicateRowsWarning, Splits, load_examples, make
 from reformulation.io import atomic_write_json
 from reformulation.metrics import score
 from reformulation.reporting import MetricsLog, examples_table, plot_curves, summary_table
-from reformulation.recipe import task_tokenizer, training_examples
+from reformulation.recipe import phrasebook, task_tokenizer, training_examples
 from reformulation.run import ADAPTER_DIR, BEST_DIR, CHECKPOINT_DIR, FINAL_DIR, drop_metrics_after, eval_indices
 
 from .checkpoint import TrainError, TrainState, adapter_meta, find_resume, learning_rate, restore_checkpoint
@@ -432,6 +432,7 @@ class Run:
     log: Optional[MetricsLog] = None
     signals: Optional["StopOnSignal"] = None
     deadline: Optional[float] = None
+    phrasebook: Optional[object] = None  # speculative.Phrasebook of the train targets, saved with every model
 
     @property
     def out(self) -> Path:
@@ -760,13 +761,21 @@ def evaluate_and_keep_best(run: Run, progress=None) -> dict:
 
 
 def save_model(run: Run, folder: Path):
-    """A usable model: HF layout (full fine-tuning) or adapters + adapter_config.json (LoRA)."""
+    """A usable model: HF layout (full fine-tuning) or adapters + adapter_config.json (LoRA); with the phrasebook
+    for speculative decoding."""
     if run.cfg.lora:
         from .lora import save_adapters
 
         save_adapters(run.model, folder, adapter_meta(run.cfg, lora_base(run)))
     else:
         save(run.model, run.tokenizer, folder)
+    save_phrasebook(run, folder)
+
+
+def save_phrasebook(run: Run, folder: Path):
+    if run.phrasebook is None:
+        run.phrasebook = phrasebook(run.tokenizer, run.data.splits.train, run.model.args.decoder_start_token_id)
+    run.phrasebook.save(folder)
 
 
 def lora_base(run: Run) -> Optional[str]:
@@ -793,6 +802,7 @@ def save_fused(run: Run):
         quantize_model(fused, bits=run.cfg.quantize_base, group_size=GROUP_SIZE)
     load_adapters(fused, run.out / ADAPTER_DIR)
     save(fuse_lora(fused, dequantize=True), run.tokenizer, run.out / FINAL_DIR)
+    save_phrasebook(run, run.out / FINAL_DIR)
 
 
 def load_best(run: Run):

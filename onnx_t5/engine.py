@@ -7,7 +7,7 @@ from typing import Optional
 
 from reformulation.data import format_source, text_pieces
 from reformulation.engine import Engine, EngineError, first_line
-from reformulation.speculative import piece_keys
+from reformulation.speculative import Drafts
 
 from .export import DEFAULT_BITS, ExportError, export
 from .runtime import OnnxLoadError, OnnxT5, is_onnx_folder, load
@@ -70,7 +70,10 @@ class OnnxEngine(Engine):
         self.options = {"dtype": f"int{quantization['bits']}" if quantization else "float32",
                         "exact_batches": exact_batches, "speculative": speculative}
         self.exact_batches, self.speculative = exact_batches, speculative
-        self._keys = piece_keys(tok) if speculative else None
+        try:
+            self._drafts = Drafts.for_model(tok, folder) if speculative else None
+        except ValueError as err:
+            raise EngineError(str(err)) from None
         self.load_seconds = time.perf_counter() - start
         return self
 
@@ -99,7 +102,7 @@ class OnnxEngine(Engine):
             out = self.model.beam_search(ids, mask, max_new_tokens=options.max_new_tokens,
                                          num_beams=options.num_beams, min_new_tokens=min_new)
         elif self.speculative and options.temperature == 0 and not min_new:
-            out = self.model.speculative(ids, mask, max_new_tokens=options.max_new_tokens, keys=self._keys)
+            out = self.model.speculative(ids, mask, max_new_tokens=options.max_new_tokens, drafts=self._drafts)
         else:
             out = self.model.generate(ids, mask, max_new_tokens=options.max_new_tokens,
                                       temperature=options.temperature, min_new_tokens=min_new)

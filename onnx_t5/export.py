@@ -33,6 +33,7 @@ but below the quality bar on the models measured, so 8 stays the default (BENCHM
 """
 
 import json
+import shutil
 import tempfile
 import warnings
 from pathlib import Path
@@ -42,6 +43,7 @@ import numpy as np
 
 from reformulation.constants import decoder_output_scale
 from reformulation.io import atomic_dir
+from reformulation.speculative import DRAFTS_FILE
 
 FORMAT = "onnx-t5"
 MARKER = "onnx.json"
@@ -443,4 +445,7 @@ def export(model_path, out_dir, quantize: bool = True, block_size: Optional[int]
     with atomic_dir(out) as tmp:  # a reader sees the old folder or the new one, never neither
         export_folder(model, tmp, quantize=quantize, block_size=block_size, tokenizer=tok, source=str(model_path),
                       bits=bits, method=method)
+        drafts = Path(str(model_path)).expanduser() / DRAFTS_FILE
+        if drafts.is_file():  # the trainers' phrasebook for speculative decoding travels with the model
+            shutil.copyfile(drafts, tmp / DRAFTS_FILE)
     return out

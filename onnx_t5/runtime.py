@@ -112,12 +112,15 @@ class OnnxT5:
             if feed[name].shape[2] > length:
                 feed[name] = np.ascontiguousarray(feed[name][:, :, :length])
 
-    def speculative(self, input_ids, attention_mask=None, max_new_tokens: int = 64, draft_tokens: int = 8,
-                    stats: Optional[dict] = None, keys=None) -> np.ndarray:
-        """Greedy decoding with prompt-lookup drafts (reformulation.speculative), row by row: each row's tokens
-        as generate() gives them for that row alone (decoder start first, rows that ended padded), in fewer
-        decoder passes. `stats` (a dict) receives the passes and tokens; `keys`: speculative.piece_keys."""
-        from reformulation.speculative import greedy
+    def speculative(self, input_ids, attention_mask=None, max_new_tokens: int = 64, draft_tokens: Optional[int] = None,
+                    stats: Optional[dict] = None, drafts=None) -> np.ndarray:
+        """Greedy decoding with looked-up drafts (reformulation.speculative), row by row: each row's tokens as
+        generate() gives them for that row alone (decoder start first, rows that ended padded), in fewer decoder
+        passes. `stats` (a dict) receives the passes and tokens; `drafts`: a speculative.Drafts (default: prompt
+        lookup by id, no phrasebook)."""
+        from reformulation.speculative import DRAFT_TOKENS, Drafts, greedy
+
+        drafts = drafts or Drafts()
 
         input_ids = np.asarray(input_ids, dtype=np.int64)
         mask = np.ones_like(input_ids) if attention_mask is None else np.asarray(attention_mask, dtype=np.int64)
@@ -129,8 +132,8 @@ class OnnxT5:
             def decode(tokens: list[int], t: int) -> np.ndarray:
                 return self.decode(feed, np.array([tokens], np.int64), t)[0]
 
-            rows.append(greedy(decode, lambda length: self.truncate(feed, length), ids[keep].tolist(), self.start,
-                               self.eos.tolist(), max_new_tokens, draft_tokens, stats, keys=keys))
+            rows.append(greedy(decode, lambda length: self.truncate(feed, length), self.start, self.eos.tolist(),
+                               max_new_tokens, drafts.row(ids[keep].tolist()), draft_tokens or DRAFT_TOKENS, stats))
         width = max(map(len, rows))
         return np.array([row + [self.pad] * (width - len(row)) for row in rows], np.int64)
 

@@ -29,3 +29,12 @@ def training_examples(cfg: TrainConfig, train: list[Example]) -> list[Example]:
     if not cfg.augment_copies:
         return list(train)
     return list(train) + augment(train, cfg.augment_copies, cfg.seed, cfg.augment_invented)
+
+
+def phrasebook(tokenizer, train: list[Example], decoder_start: int):
+    """The train split's targets as a speculative.Phrasebook (what follows each 1-3 target tokens), saved beside every
+    model a run writes (drafts.json): speculative decoding drafts the relation words from it. The original rows
+    only: augmented names would be noise."""
+    from .speculative import Phrasebook
+
+    return Phrasebook.from_texts([e.target for e in train], tokenizer, decoder_start)

@@ -87,6 +87,30 @@ def test_both_trainers_write_the_same_run_folder(contract_runs):
     assert evals["mlx"] == evals["torch"] == [2, 4]
 
 
+def test_both_trainers_save_the_same_phrasebook_with_every_model(contract_runs):
+    """drafts.json (speculative decoding's phrasebook) beside final/ and best/: the train split's targets in the
+    run's vocabulary, the same on both engines, and loadable for that tokenizer."""
+    from pathlib import Path
+
+    from transformers import AutoTokenizer
+
+    from mlx_t5.trainer import load_splits
+    from reformulation.speculative import DRAFTS_FILE, Phrasebook
+
+    books = {}
+    for name, cfg in contract_runs.items():
+        for folder in ("final", "best"):
+            path = Path(cfg.output_dir) / folder
+            books[name, folder] = Phrasebook.load(path, len(AutoTokenizer.from_pretrained(path)))
+            assert (path / DRAFTS_FILE).is_file() and books[name, folder] is not None, (name, folder)
+    assert len({json.dumps(sorted(map(list, b.table.items()))) for b in books.values()}) == 1
+    cfg = contract_runs["mlx"]
+    tok = AutoTokenizer.from_pretrained(Path(cfg.output_dir) / "final")
+    target = tok(load_splits(cfg, Console(quiet=True)).train[0].target)["input_ids"]
+    book = books["mlx", "final"]
+    assert (0,) in book.table and (0, *target[:2]) in book.table and tuple(target[-3:-1]) in book.table
+
+
 @pytest.fixture(scope="module")
 def lora_runs(tmp_path_factory, full_jsonl):
     """The same LoRA config (fuse on) on both engines, on one saved (random-weight) base model."""
@@ -122,6 +146,7 @@ def test_lora_runs_have_the_same_layout_on_both_engines(lora_runs):
         assert (out / ADAPTER_DIR / "adapter_config.json").is_file(), name
         assert (out / FINAL_DIR / "model.safetensors").is_file() and (out / FINAL_DIR / "config.json").is_file(), name
         assert (out / BEST_DIR / "adapter_config.json").is_file(), name
+        assert all((out / d / "drafts.json").is_file() for d in (ADAPTER_DIR, FINAL_DIR, BEST_DIR)), name
         summary = json.loads((out / "summary.json").read_text())
         assert set(SHARED_SUMMARY_KEYS) <= set(summary), (name, set(SHARED_SUMMARY_KEYS) - set(summary))
 

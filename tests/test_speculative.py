@@ -10,24 +10,63 @@ import pytest
 from hf_models import QUERIES, SHAPES, ending_model
 from onnx_t5 import OnnxT5
 from onnx_t5.export import export_folder
-from reformulation.speculative import greedy, propose
+from reformulation.speculative import DRAFTS_FILE, Lookup, Phrasebook, greedy
 
 pytestmark = pytest.mark.usefixtures("torch_one_thread")
 
 
-def test_propose_takes_what_follows_the_longest_latest_match():
+def draft(source, output, k, keys=None, phrasebook=None):
+    """One draft for `output` (an answer so far, without the decoder start) from a fresh Lookup."""
+    return Lookup(source, keys, phrasebook)([0] + list(output), k)
+
+
+def test_lookup_takes_what_follows_the_longest_latest_match():
     source = [5, 6, 7, 8, 9, 5, 6, 10, 11]
-    assert propose(source, [1, 5, 6], k=3) == [10, 11]  # "5 6" occurs twice: the latest, then what follows
-    assert propose(source, [7], k=2) == [8, 9]
-    assert propose(source, [4, 8], k=4) == [9, 5, 6, 10]  # "4 8" is absent; "8" is there
-    assert propose(source, [11], k=3) == [] and propose(source, [42], k=3) == [] and propose(source, [], k=3) == []
-    assert propose(source, [7], k=0) == []
-    assert propose(source, [20, 21, 30, 20], k=2) == [21, 30]  # the output's own pattern first ("X Area|Y Area")
+    assert draft(source, [1, 5, 6], k=3) == [10, 11]  # "5 6" occurs twice: the latest, then what follows
+    assert draft(source, [7], k=2) == [8, 9]
+    assert draft(source, [4, 8], k=4) == [9, 5, 6, 10]  # "4 8" is absent; "8" is there
+    assert draft(source, [11], k=3) == [] and draft(source, [42], k=3) == [] and draft(source, [], k=3) == []
+    assert draft(source, [7], k=0) == []
+    assert draft(source, [20, 21, 30, 20], k=2) == [21, 30]  # the output's own pattern first ("X Area|Y Area")
     # compared by keys: 105 ("Philippine" after a "|") stands for 5 ("▁Philippine" in the question)
     keys = list(range(120))
     keys[105] = 5
-    assert propose(source, [1, 105], k=2) == [] and propose(source, [1, 105], k=2, keys=keys[:100]) == []
-    assert propose(source, [1, 105], k=2, keys=keys) == [6, 10]
+    assert draft(source, [1, 105], k=2) == [] and draft(source, [1, 105], k=2, keys=keys[:100]) == []
+    assert draft(source, [1, 105], k=2, keys=keys) == [6, 10]
+
+
+def test_lookup_follows_a_growing_answer_and_starts_over_on_a_new_one():
+    source = [5, 6, 7, 8]
+    lookup = Lookup(source)
+    assert lookup([0, 9, 3], 2) == []
+    assert lookup([0, 9, 3, 4, 9], 2) == [3, 4]  # "9" now occurs earlier in the answer itself
+    assert lookup([0, 7], 2) == [8]  # another answer: the old one's n-grams are gone
+    assert lookup([0, 9], 2) == []
+
+
+def test_phrasebook_continues_what_the_question_cannot_and_round_trips(tmp_path):
+    """Targets "<name> Birth Date": the name is copied from the question, then "Birth Date" and EOS come from the
+    phrasebook, chained into one draft."""
+    birth, date, eos = 50, 51, 1
+    book = Phrasebook.from_targets([[10, 11, birth, date, eos], [12, birth, date, eos], [13, 14, 15, birth, 52, eos]],
+                                   start=0, vocab_size=60)
+    assert book.next([0, 30, birth], 4) == [date, eos]  # 2 of 3 targets say "Date" after "Birth"
+    assert book.next([0, 30, 14, 15], 5) == [birth, 52, eos]
+    assert book.next([0, 30], 3) == [] and book.next([0], 2) in ([10, 11], [12, birth], [13, 14])
+    source = [7, 20, 21, 22]
+    assert draft(source, [20], 6) == [21, 22]  # prompt lookup alone stops where the question ends
+    assert draft(source, [20], 6, phrasebook=Phrasebook({(22,): (birth,), (22, birth): (date, eos)}, 60)) == \
+        [21, 22, birth, date, eos]  # copy, then the phrase, then the phrase's own continuation
+
+    book.save(tmp_path)
+    again = Phrasebook.load(tmp_path, vocab_size=60)
+    assert again.table == book.table and again.vocab_size == 60
+    assert Phrasebook.load(tmp_path / "none") is None
+    with pytest.raises(ValueError, match="vocabulary of 60 tokens, the tokenizer has 61"):
+        Phrasebook.load(tmp_path, vocab_size=61)
+    (tmp_path / DRAFTS_FILE).write_text('{"format": "something else"}')
+    with pytest.raises(ValueError, match=f"{DRAFTS_FILE}: not a readable phrasebook"):
+        Phrasebook.load(tmp_path)
 
 
 class ToyEngine:
@@ -69,7 +108,7 @@ def test_toy_engine_same_tokens_in_fewer_passes(max_new_tokens):
     source = [7, 8, 9, 10, 11, 12, 13, 14, 15, 16]
     want = plain_greedy(ToyEngine(source), 0, max_new_tokens)
     engine, stats = ToyEngine(source), {}
-    got = greedy(engine.decode, engine.truncate, source, 0, [1], max_new_tokens, draft_tokens=4, stats=stats)
+    got = greedy(engine.decode, engine.truncate, 0, [1], max_new_tokens, Lookup(source), draft_tokens=4, stats=stats)
     assert got == want
     assert stats == {"passes": engine.passes, "tokens": len(want) - 1}
     if max_new_tokens == 30:
@@ -123,16 +162,16 @@ def test_onnx_multi_position_pass_and_rollback(corrupt, tokenizer, tmp_path):
     want = onnx_model.generate(row[None], max_new_tokens=24)[0].tolist()
     want = want[: want.index(1) + 1] if 1 in want else want
 
-    def oracle(source, output, k):
-        draft = list(want[1 + len(output): 1 + len(output) + k])
+    def oracle(tokens, k):
+        draft = list(want[len(tokens): len(tokens) + k])
         if corrupt is not None and len(draft) > corrupt:
             draft[corrupt] = (draft[corrupt] + 7) % 100 + 2
         return draft
 
     feed, stats = onnx_model.begin(row[None]), {}
     got = greedy(lambda tokens, t: onnx_model.decode(feed, np.array([tokens]), t)[0],
-                 lambda length: onnx_model.truncate(feed, length), row.tolist(), onnx_model.start, [1], 24,
-                 draft_tokens=5, stats=stats, proposer=oracle)
+                 lambda length: onnx_model.truncate(feed, length), onnx_model.start, [1], 24, oracle,
+                 draft_tokens=5, stats=stats)
     assert got == want
     assert stats["passes"] < len(want) - 1 if corrupt != 0 else stats["passes"] == len(want) - 1
 
@@ -160,11 +199,42 @@ def test_onnx_engine_answers_the_same_with_speculative_on_and_off(tokenizer, tok
         assert on.generate(queries, max_new_tokens=n) == off.generate(queries, max_new_tokens=n)
     stats = {}
     ids = tokenizer(queries[-1:], return_tensors="np")["input_ids"]
-    on.model.speculative(ids, max_new_tokens=24, stats=stats, keys=on._keys)
+    on.model.speculative(ids, max_new_tokens=24, stats=stats, drafts=on._drafts)
     assert stats["tokens"] >= 1
+
+    # a phrasebook beside the model (as the trainers write it): here made of the model's own answers, so its
+    # drafts are mostly right; the answers stay the same and take fewer passes
+    batch = tokenizer(queries, return_tensors="pt", padding=True)
+    plain = off.model.generate(batch["input_ids"].numpy(), batch["attention_mask"].numpy(), max_new_tokens=24)
+    Phrasebook.from_targets([row[1:] for row in plain.tolist()], on.model.start, len(tokenizer)).save(tmp_path / "m")
+    booked = OnnxEngine().load(tmp_path / "m", speculative=True)
+    assert booked._drafts.phrasebook is not None
+    assert booked.generate(queries, max_new_tokens=24) == off.generate(queries, max_new_tokens=24)
+    passes = []
+    for engine in (on, booked):
+        stats = {}
+        engine.model.speculative(batch["input_ids"].numpy(), batch["attention_mask"].numpy(), max_new_tokens=24,
+                                 stats=stats, drafts=engine._drafts)
+        passes.append(stats["passes"])
+    assert passes[1] < passes[0], passes
+    (tmp_path / "m" / DRAFTS_FILE).write_text("{")
+    with pytest.raises(EngineError, match="not a readable phrasebook"):
+        OnnxEngine().load(tmp_path / "m", speculative=True)
+    (tmp_path / "m" / DRAFTS_FILE).unlink()
 
     marker = json.loads((tmp_path / "m" / "onnx.json").read_text())
     del marker["decoder_positions"]  # a folder exported before multi-position decoders
     (tmp_path / "m" / "onnx.json").write_text(json.dumps(marker))
     with pytest.raises(EngineError, match="re-export it"):
         OnnxEngine().load(tmp_path / "m", speculative=True)
+
+
+def test_export_carries_the_phrasebook(tokenizer_dir, tmp_path):
+    """convert to-onnx (onnx_t5.export) copies a model folder's drafts.json into the ONNX folder."""
+    from hf_models import save_model
+    from onnx_t5.export import export
+
+    folder = save_model("v1-relu-tied", tmp_path / "hf", tokenizer_dir)
+    Phrasebook({(0,): (5, 6)}, 32128).save(folder)
+    out = export(folder, tmp_path / "onnx", quantize=False)
+    assert Phrasebook.load(out).table == {(0,): (5, 6)}

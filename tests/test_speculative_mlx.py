@@ -22,15 +22,20 @@ def test_mlx_speculative_is_plain_greedy(tokenizer, tmp_path):
     assert generate_tokens(model, ids, mask, max_new_tokens=24, speculative=True) == plain
     by_source = {tuple(i[m == 1].tolist()): row for i, m, row in zip(ids, mask, plain)}
 
-    def oracle(corrupt):
-        def propose(source, output, k):
-            row = by_source[tuple(source)][len(output):len(output) + k]
-            return [t + 1 if corrupt and (len(output) + j) % 4 == 3 else t for j, t in enumerate(row)]
-        return propose
+    class Oracle:  # drafts plain greedy's own continuation, every 4th token changed when corrupt
+        def __init__(self, corrupt):
+            self.corrupt = corrupt
+
+        def row(self, source):
+            def draft(tokens, k):
+                done = len(tokens) - 1
+                row = by_source[tuple(source)][done:done + k]
+                return [t + 1 if self.corrupt and (done + j) % 4 == 3 else t for j, t in enumerate(row)]
+            return draft
 
     for corrupt in (False, True):
         stats = {}
-        got = speculative_tokens(model, ids, mask, 24, draft_tokens=5, proposer=oracle(corrupt), stats=stats)
+        got = speculative_tokens(model, ids, mask, 24, draft_tokens=5, drafts=Oracle(corrupt), stats=stats)
         assert got == plain
         assert stats["passes"] < stats["tokens"]  # several tokens per pass, rejections included
 

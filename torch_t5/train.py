@@ -28,7 +28,7 @@ from reformulation.data import DataError, Splits, load_examples, make_splits, to
 from reformulation.constants import FLAN_T5_SHAPES, decoder_output_scale
 from reformulation.io import atomic_dir, atomic_write_json, read_json_object
 from reformulation.metrics import score
-from reformulation.recipe import task_tokenizer, training_examples
+from reformulation.recipe import phrasebook, task_tokenizer, training_examples
 from reformulation.reporting import MetricsLog, examples_table, plot_curves, summary_table
 from reformulation.run import ADAPTER_DIR, BEST_DIR, FINAL_DIR, auto_resume, drop_metrics_after, eval_indices, is_better
 from reformulation.run import mlx_checkpoint
@@ -512,8 +512,9 @@ def resolve_resume(cfg: TrainConfig) -> str | None:
 
 # -- saving ------------------------------------------------------------------------------------
 
-def save_full(model, tokenizer, path: Path, max_new_tokens: int = 64) -> Path:
-    """An HF folder, written atomically, with tie_word_embeddings stated explicitly."""
+def save_full(model, tokenizer, path: Path, max_new_tokens: int = 64, drafts=None) -> Path:
+    """An HF folder, written atomically, with tie_word_embeddings stated explicitly (and the run's phrasebook for
+    speculative decoding: `drafts`)."""
     from transformers import GenerationConfig
 
     _mark_tying(model)
@@ -527,16 +528,18 @@ def save_full(model, tokenizer, path: Path, max_new_tokens: int = 64) -> Path:
         with atomic_dir(path) as tmp:
             model.save_pretrained(str(tmp))
             tokenizer.save_pretrained(str(tmp))
+            if drafts is not None:
+                drafts.save(tmp)
     finally:
         model.generation_config = eval_generation  # the final evaluation still decodes with the eval settings
     return path
 
 
-def save_model(model, tokenizer, path: Path, cfg: TrainConfig) -> Path:
-    """The trained model as the run keeps it: LoRA adapters, or the full HF folder."""
+def save_model(model, tokenizer, path: Path, cfg: TrainConfig, drafts=None) -> Path:
+    """The trained model as the run keeps it: LoRA adapters, or the full HF folder (+ the phrasebook `drafts`)."""
     if cfg.lora:
-        return save_adapter(model, tokenizer, path)
-    return save_full(unwrap(model), tokenizer, path, cfg.eval_max_new_tokens)
+        return save_adapter(model, tokenizer, path, drafts)
+    return save_full(unwrap(model), tokenizer, path, cfg.eval_max_new_tokens, drafts)
 
 
 def load_best(model, path: Path, cfg: TrainConfig) -> None:
@@ -554,10 +557,12 @@ def load_best(model, path: Path, cfg: TrainConfig) -> None:
     base.load_state_dict(saved.state_dict())
 
 
-def save_adapter(peft_model, tokenizer, path: Path) -> Path:
+def save_adapter(peft_model, tokenizer, path: Path, drafts=None) -> Path:
     with atomic_dir(path) as tmp:
         peft_model.save_pretrained(str(tmp))
         tokenizer.save_pretrained(str(tmp))
+        if drafts is not None:
+            drafts.save(tmp)
     return path
 
 
@@ -613,6 +618,7 @@ def train(cfg: TrainConfig, tokenizer_override: str | None = None, console=None)
     set_seed(cfg.seed)
     with console.status(f"loading {model_source(cfg) or 'a random ' + str(cfg.init) + ' model'}"):
         model = load_model(cfg, tokenizer)
+    drafts = phrasebook(tokenizer, splits.train, unwrap(model).config.decoder_start_token_id) if main else None
     if main:
         out.mkdir(parents=True, exist_ok=True)
         cfg.save(out / "config.yaml")
@@ -624,7 +630,7 @@ def train(cfg: TrainConfig, tokenizer_override: str | None = None, console=None)
     MetricsCallback, TimeBudget, KeepBest, RichProgress = _callbacks()
     metrics = GenerationMetrics(tokenizer, eval_set)
     metrics_log = MetricsCallback(out, enabled=main)
-    keep_best = KeepBest(lambda m: save_model(m, tokenizer, out / BEST_DIR, cfg), enabled=main)
+    keep_best = KeepBest(lambda m: save_model(m, tokenizer, out / BEST_DIR, cfg, drafts), enabled=main)
     trainer = _trainer_class()(
         model=model,
         args=training_arguments(cfg, has_eval=len(eval_set) > 0),
@@ -647,7 +653,7 @@ def train(cfg: TrainConfig, tokenizer_override: str | None = None, console=None)
 
     if trainer.is_world_process_zero():
         with console.status("saving"):
-            save_model(trainer.model, tokenizer, out / (ADAPTER_DIR if cfg.lora else FINAL_DIR), cfg)
+            save_model(trainer.model, tokenizer, out / (ADAPTER_DIR if cfg.lora else FINAL_DIR), cfg, drafts)
     trainer.accelerator.wait_for_everyone()
 
     if len(eval_set):
@@ -675,7 +681,8 @@ def train(cfg: TrainConfig, tokenizer_override: str | None = None, console=None)
     if main:
         if cfg.lora and cfg.fuse:
             with console.status("fusing the adapter into the model"):
-                save_full(fuse_adapter(cfg, out / ADAPTER_DIR), tokenizer, out / FINAL_DIR, cfg.eval_max_new_tokens)
+                save_full(fuse_adapter(cfg, out / ADAPTER_DIR), tokenizer, out / FINAL_DIR, cfg.eval_max_new_tokens,
+                          drafts)
         plot_curves(out / "metrics.jsonl", out / "curves.png")
         summary["output_dir"] = str(out)
         atomic_write_json(out / "summary.json", summary)
