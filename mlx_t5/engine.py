@@ -20,10 +20,11 @@ class MLXEngine(Engine):
     name = "mlx"
 
     def load(self, path, dtype: Optional[str] = None, tokenizer: Optional[str] = None,
-             threads: Optional[int] = None, speculative: bool = False) -> "MLXEngine":
-        """speculative: greedy answers by prompt-lookup speculative decoding (reformulation.speculative; the
-        same answers in fewer decoder passes: 300 of 300 quickstart test questions, 1.4x faster on a Linux
-        CPU, BENCHMARKS.md)."""
+             threads: Optional[int] = None, speculative: Optional[bool] = None) -> "MLXEngine":
+        """speculative: greedy answers by speculative decoding (reformulation.speculative: drafts looked up in
+        the question and the model's phrasebook, checked several per decoder pass). None (default): on for
+        float32 weights, where a pass over several positions gives the one-position logits (the same answers,
+        tested), off for quantized or half-precision ones, whose many-row rounding can flip a near-tie."""
         if threads is not None:
             self.set_threads(threads)
         start = time.perf_counter()
@@ -40,9 +41,9 @@ class MLXEngine(Engine):
         self.model, self.tokenizer, self.path = model, tok, str(path)
         from reformulation.speculative import Drafts
 
-        self.speculative = bool(speculative)
+        self.speculative = _is_float32(model) if speculative is None else bool(speculative)
         try:
-            self._drafts = Drafts.for_model(tok, Path(path).expanduser()) if speculative else None
+            self._drafts = Drafts.for_model(tok, folder) if self.speculative else None
         except ValueError as err:
             raise EngineError(str(err)) from None
         self.options = {"dtype": dtype or _dtype_name(model), "speculative": self.speculative}
@@ -88,6 +89,14 @@ def _load_fused_adapter(folder: Path, dtype, tokenizer):
     own_tokenizer = (folder / "tokenizer_config.json").is_file()
     model, tok = load(base, dtype=dtype, tokenizer=tokenizer or (str(folder) if own_tokenizer else None))
     return fuse_lora(load_adapters(model, folder)), tok
+
+
+def _is_float32(model) -> bool:
+    """float32 weights everywhere (no MLX-quantized layer): speculative decoding is exact there."""
+    import mlx.nn as nn
+
+    return _dtype_name(model) == "float32" and not any(isinstance(m, nn.QuantizedLinear)
+                                                        for _, m in model.named_modules())
 
 
 def _dtype_name(model) -> str:

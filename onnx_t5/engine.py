@@ -24,19 +24,21 @@ class OnnxEngine(Engine):
         super().__init__()
         self.exact_batches = True
         self.speculative = False
+        self._drafts = None
         self.threads = 1  # one decoding row is too small to split (BENCHMARKS.md#serving)
 
     def load(self, path, dtype: Optional[str] = None, tokenizer: Optional[str] = None,
-             threads: Optional[int] = None, exact_batches: bool = True, speculative: bool = False,
+             threads: Optional[int] = None, exact_batches: bool = True, speculative: Optional[bool] = None,
              bits: Optional[int] = None) -> "OnnxEngine":
         """dtype: None = quantized (or as the ONNX folder was exported), "float32" = export without quantizing;
         bits: of an HF model exported on load (8 when None; 4: --bits 4).
         exact_batches (default): generate the queries of a batch one by one, so an answer never depends on
         what it was batched with; False: as one batch, ~2.2x the throughput with 32 clients, but a near-tie
         token can then come out differently (7 of 400 queries, BENCHMARKS.md).
-        speculative: greedy answers with prompt-lookup drafts (reformulation.speculative), checked several tokens
-        per decoder pass: the same answers as plain greedy in float32; in int8 a near-tie token can come out
-        differently, since MLAS rounds a many-row pass unlike a one-row step (1 of 300 test questions)."""
+        speculative: greedy answers with drafts looked up in the question and the model's phrasebook
+        (reformulation.speculative), checked several tokens per decoder pass: the same answers as plain greedy in
+        float32; in int8 a near-tie token can come out differently, since MLAS rounds a many-row pass unlike a
+        one-row step (1 of 300 test questions). None (default): on for float32 weights, off for int8/int4."""
         try:
             import onnxruntime  # noqa: F401
         except ImportError as err:
@@ -64,6 +66,8 @@ class OnnxEngine(Engine):
             raise EngineError(f"{path}: could not load ({type(err).__name__}: {first_line(err)})") from None
         self.model, self.tokenizer, self.path = model, tok, str(path)
         quantization = model.info.get("quantization")
+        if speculative is None:  # on where exact: float32 (int8's many-row kernel rounds unlike its one-row one)
+            speculative = quantization is None and model.many
         if speculative and not model.many:
             raise EngineError(f"{path} was exported with a one-position decoder: re-export it (`python -m convert "
                               "to-onnx`) for speculative decoding")

@@ -771,10 +771,11 @@ def main(argv=None) -> int:
     parser.add_argument("--onnx-batches", action="store_true",
                         help="onnx backend: generate a micro-batch as one batch (~2.2x throughput at 32 clients) "
                              "instead of query by query; an answer can then depend on its batch at near-tie tokens")
-    parser.add_argument("--speculative", action="store_true",
-                        help="onnx and mlx backends: greedy answers with prompt-lookup drafts checked several tokens "
-                             "per pass (1.2-1.4x faster on the quickstart model; float32: the same answers, int8: "
-                             "near-ties can differ, BENCHMARKS.md)")
+    parser.add_argument("--speculative", action=argparse.BooleanOptionalAction, default=None,
+                        help="onnx and mlx backends: greedy answers by speculative decoding, drafts looked up in the "
+                             "question and the model's phrasebook, several tokens checked per pass (default: on for "
+                             "float32 weights, where the answers are the same; off for int8, where a near-tie can "
+                             "differ; BENCHMARKS.md)")
     parser.add_argument("--bits", type=int, choices=(4, 8), default=None,
                         help="onnx backend, HF model exported on load: weight bits (default 8: no 4-bit variant held "
                              "quality, BENCHMARKS.md \"4-bit weights\"; an ONNX folder keeps its own)")
@@ -838,10 +839,10 @@ def main(argv=None) -> int:
             if args.backend != "onnx":
                 parser.error("--bits applies to --backend onnx")
             load_options["bits"] = args.bits
-        if args.speculative:
+        if args.speculative is not None:
             if args.backend not in ("onnx", "mlx"):
-                parser.error("--speculative applies to --backend onnx and mlx")
-            load_options["speculative"] = True
+                parser.error("--speculative / --no-speculative apply to --backend onnx and mlx")
+            load_options["speculative"] = args.speculative
         app = create_app(backend, model=args.model, load_options=load_options,
                          max_batch=args.max_batch, batch_window_ms=args.batch_window_ms, limits=limits,
                          ignore_eos=args.ignore_eos)

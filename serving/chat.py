@@ -16,6 +16,7 @@ import sys
 import time
 from contextlib import closing
 from pathlib import Path
+from typing import Optional
 
 from rich.markup import escape
 
@@ -45,10 +46,10 @@ class UsageError(ValueError):
 class Chat:
     """The REPL state: one loaded backend, decoding options, this session's answers."""
 
-    def __init__(self, console, backend_name: str, model: str, dtype=None, speculative: bool = False):
+    def __init__(self, console, backend_name: str, model: str, dtype=None, speculative: Optional[bool] = None):
         self.console = console
         self.backend_name, self.model, self.dtype = backend_name, model, dtype
-        self.speculative = speculative  # --speculative: applies to the onnx and mlx backends
+        self.speculative = speculative  # --[no-]speculative (None: the engine's default); onnx and mlx backends
         self.backend = None
         self.options = {"num_beams": DEFAULT_DECODING.num_beams, "max_new_tokens": DEFAULT_DECODING.max_new_tokens,
                         "temperature": DEFAULT_DECODING.temperature}
@@ -59,8 +60,8 @@ class Chat:
     def load(self, backend_name: str, model: str) -> None:
         """Load `model` with `backend_name`; on failure raise EngineError and keep the current one."""
         opts = {"dtype": self.dtype} if self.dtype else {}
-        if self.speculative and backend_name in ("onnx", "mlx"):
-            opts["speculative"] = True
+        if self.speculative is not None and backend_name in ("onnx", "mlx"):
+            opts["speculative"] = self.speculative
         with self.console.status(f"loading {escape(model)} ({backend_name})"):
             backend = make_backend(backend_name).load(model, **opts)
         self.backend, self.backend_name, self.model = backend, backend_name, model
@@ -256,9 +257,10 @@ def main(argv=None) -> int:
     parser.add_argument("--jsonl", action="store_true", help="read queries from stdin, write JSON lines (the default "
                                                              "when stdin is not a terminal)")
     parser.add_argument("--history-file", type=Path, default=HISTORY_FILE, help=f"default {HISTORY_FILE}")
-    parser.add_argument("--speculative", action="store_true",
-                        help="onnx and mlx backends: greedy answers by prompt-lookup speculative decoding (several "
-                             "tokens per decoder pass; float32: the same answers, int8: near-ties can differ)")
+    parser.add_argument("--speculative", action=argparse.BooleanOptionalAction, default=None,
+                        help="onnx and mlx backends: greedy answers by speculative decoding, several tokens checked "
+                             "per decoder pass (default: on for float32 weights, where the answers are the same; off "
+                             "for int8, where a near-tie can differ)")
     args = parser.parse_args(argv)
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # idle torch threads must not spin on a shared CPU
     args.backend = args.backend or default_backend()  # may import torch: after the line above

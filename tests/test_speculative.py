@@ -1,6 +1,6 @@
-"""Prompt-lookup speculative decoding (reformulation.speculative) gives plain greedy's tokens, token for token:
-on a toy engine, and on exported ONNX models (float32 and int8) with padded batches whose rows end at different
-steps, with drafts that are all right, partly wrong or absent."""
+"""Speculative decoding with looked-up drafts (reformulation.speculative) gives plain greedy's tokens, token for
+token: on a toy engine, and on exported ONNX models (float32 and int8) with padded batches whose rows end at
+different steps, with drafts that are all right, partly wrong or absent; the lookup and the phrasebook."""
 
 import json
 
@@ -182,7 +182,7 @@ def test_onnx_multi_position_pass_and_rollback(corrupt, tokenizer, tmp_path):
 
 
 def test_onnx_engine_answers_the_same_with_speculative_on_and_off(tokenizer, tokenizer_dir, tmp_path):
-    """The serving switch: `--speculative` (OnnxEngine.load(speculative=True)) against the default, float32, on
+    """The serving switch: `--[no-]speculative` (OnnxEngine.load(speculative=...)), on by default in float32, on
     copying questions whose answers run to the token limit (long greedy answers: many drafts checked)."""
     quantize = False
     from onnx_t5.engine import OnnxEngine
@@ -192,9 +192,13 @@ def test_onnx_engine_answers_the_same_with_speculative_on_and_off(tokenizer, tok
     (tmp_path / "m").mkdir()
     export_folder(ending_model("v1-relu-tied", False, batch), tmp_path / "m", quantize=quantize, tokenizer=tokenizer)
     queries = QUERIES + ["Nikola Tesla Nikola Tesla Nikola Tesla lifespan?"]
-    off = OnnxEngine().load(tmp_path / "m")
-    on = OnnxEngine().load(tmp_path / "m", speculative=True)
+    off = OnnxEngine().load(tmp_path / "m", speculative=False)
+    on = OnnxEngine().load(tmp_path / "m")  # float32: on by default (exact)
     assert on.options["speculative"] and not off.options["speculative"]
+    (tmp_path / "q").mkdir()
+    export_folder(ending_model("v1-relu-tied", False, batch), tmp_path / "q", quantize=True, tokenizer=tokenizer)
+    assert OnnxEngine().load(tmp_path / "q").options["speculative"] is False  # int8: off unless asked
+    assert OnnxEngine().load(tmp_path / "q", speculative=True).options["speculative"] is True
     for n in (4, 24):
         assert on.generate(queries, max_new_tokens=n) == off.generate(queries, max_new_tokens=n)
     stats = {}

@@ -44,8 +44,9 @@ def test_mlx_engine_same_answers_on_and_off(tokenizer_dir, tmp_path):
     from mlx_t5.engine import MLXEngine
 
     folder = save_model("odd-heads", tmp_path / "hf", tokenizer_dir, seed=3)
-    on, off = MLXEngine().load(folder, speculative=True), MLXEngine().load(folder)
-    assert on.describe()["speculative"] is True and off.describe()["speculative"] is False
+    on, off = MLXEngine().load(folder), MLXEngine().load(folder, speculative=False)
+    assert on.describe()["speculative"] is True and off.describe()["speculative"] is False  # float32: on by default
+    assert MLXEngine().load(folder, dtype="bfloat16").describe()["speculative"] is False  # rounding: off unless asked
     assert on.generate(QUERIES, max_new_tokens=20) == off.generate(QUERIES, max_new_tokens=20)
 
 
