@@ -4,7 +4,8 @@ same layout on MLX and on torch, so their scores are comparable and a run folder
 wrote it.
 
     OUTPUT_DIR/
-      final/        the model after the last step: an HF folder (+ tokenizer); for LoRA the fused model (fuse: true)
+      final/        the model after the last step: an HF folder (+ tokenizer, + drafts.json: the train targets'
+                    phrasebook for speculative decoding); for LoRA the fused model (fuse: true)
       adapter/      LoRA only: the trained adapters (+ adapter_config.json naming the base)
       best/         the best evaluation's model (adapters for LoRA); the test split scores it
       checkpoint/   MLX: the resume checkpoint, replaced atomically      checkpoint-N/  torch: the HF Trainer's
