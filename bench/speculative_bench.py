@@ -1,15 +1,16 @@
-"""Speculative decoding against plain greedy on the same ONNX model, test split, batch 1.
+"""Speculative decoding against plain greedy on the same model and engine, test split, batch 1.
 
-    python bench/speculative_bench.py --model runs/quickstart/best            # int8, the whole test split
-    python bench/speculative_bench.py --model runs/quickstart/best --float32 --limit 300 --draft 4,8
+    python bench/speculative_bench.py --model runs/quickstart/best            # onnx int8, the whole test split
+    python bench/speculative_bench.py --model runs/quickstart/best --float32 --draft 4,8
+    python bench/speculative_bench.py --model runs/quickstart/best --engine mlx --limit 300      # MLX, float32
 
-The model (an HF folder, e.g. a trained run's best/) is exported to ONNX once (int8 by default), and its run's
-config.yaml (next to it or one folder up) gives the leak-free test split and, when the folder has no drafts.json
-(runs trained before the trainers wrote it), the train split's phrasebook. Each question is answered at batch 1
-by every variant in turn: plain greedy (one decoder pass per token), prompt lookup alone (drafts from the
-question and the answer), and prompt lookup + the phrasebook, for each draft length. Reported: decoder passes,
-tokens per pass, milliseconds per query (median and mean), and how many answers equal plain greedy's token for
-token. Writes a rich table and bench/results/speculative-<weights>.json.
+The model (an HF folder, e.g. a trained run's best/) is exported to ONNX once (int8 by default) or run by MLX.
+Its run's config.yaml (next to it or one folder up) gives the leak-free test split and, when the folder has no
+drafts.json (runs trained before the trainers wrote it), the train split's phrasebook. Each question is answered
+at batch 1 by every variant in turn: plain greedy (one decoder pass per token), prompt lookup alone (drafts from
+the question and the answer), and prompt lookup + the phrasebook, for each draft length. Reported: decoder
+passes, tokens per pass, milliseconds per query (median and mean), and how many answers equal plain greedy's
+token for token. Writes a rich table and bench/results/speculative-<engine>-<weights>.json.
 """
 
 import argparse
@@ -38,12 +39,12 @@ def load_splits(model: Path):
                        cfg.sample_fraction, cfg.seed)
 
 
-def variants(onnx_model, tokenizer, folder: Path, splits, drafts: list[int]) -> dict:
+def variants(tokenizer, folder: Path, splits, start: int, drafts: list[int]) -> dict:
     """name -> (Drafts or None for plain greedy, draft length)."""
     from reformulation.recipe import phrasebook
     from reformulation.speculative import Drafts, Phrasebook, piece_keys
 
-    book = Phrasebook.load(folder, len(tokenizer)) or phrasebook(tokenizer, splits.train, onnx_model.start)
+    book = Phrasebook.load(folder, len(tokenizer)) or phrasebook(tokenizer, splits.train, start)
     keys = piece_keys(tokenizer)
     out = {"plain greedy": (None, 0)}
     for k in drafts:
@@ -52,27 +53,74 @@ def variants(onnx_model, tokenizer, folder: Path, splits, drafts: list[int]) -> 
     return out
 
 
-def run(onnx_model, tokenizer, questions, ways: dict, max_new_tokens: int) -> dict:
+class OnnxRunner:
+    """The model exported to ONNX Runtime (int8 or float32), 1 thread."""
+
+    def __init__(self, model: Path, tmp: Path, float32: bool):
+        from onnx_t5 import load
+        from onnx_t5.export import export
+
+        self.folder = export(model, tmp / "onnx", quantize=not float32)
+        self.model, self.tokenizer = load(self.folder, threads=1)
+        self.start = self.model.start
+
+    def plain(self, ids, max_new_tokens: int) -> list[int]:
+        return _new_tokens(self.model.generate(ids, max_new_tokens=max_new_tokens)[0][1:], self.model.pad)
+
+    def speculative(self, ids, max_new_tokens: int, k: int, drafts, stats: dict) -> list[int]:
+        out = self.model.speculative(ids, max_new_tokens=max_new_tokens, draft_tokens=k, stats=stats, drafts=drafts)
+        return _new_tokens(out[0][1:], self.model.pad)
+
+
+class MLXRunner:
+    """The model in MLX, its own float32 weights (OpenBLAS with 1 thread on Linux)."""
+
+    def __init__(self, model: Path, tmp: Path, float32: bool):
+        from mlx_t5 import blas
+        from mlx_t5.utils import load
+
+        blas.set_threads(1)
+        self.folder = model
+        self.model, self.tokenizer = load(model)
+        self.start = self.model.args.decoder_start_token_id
+
+    def plain(self, ids, max_new_tokens: int) -> list[int]:
+        from mlx_t5.generation import generate_tokens
+
+        return generate_tokens(self.model, ids, max_new_tokens=max_new_tokens)[0]
+
+    def speculative(self, ids, max_new_tokens: int, k: int, drafts, stats: dict) -> list[int]:
+        from mlx_t5.generation import speculative_tokens
+
+        return speculative_tokens(self.model, ids, None, max_new_tokens, draft_tokens=k, drafts=drafts, stats=stats)[0]
+
+
+def _new_tokens(row, pad: int) -> list[int]:
+    row = list(row)
+    while row and row[-1] == pad:
+        row.pop()
+    return row
+
+
+def run(runner, questions, ways: dict, max_new_tokens: int) -> dict:
     from reformulation.data import format_source
 
     times = {name: [] for name in ways}
     stats = {name: {} for name in ways}
     same = dict.fromkeys(ways, 0)
     for e in questions:
-        ids = tokenizer([format_source(e.query)], return_tensors="np")["input_ids"]
+        ids = runner.tokenizer([format_source(e.query)], return_tensors="np")["input_ids"]
         want = None
         for name, (drafts, k) in ways.items():
             start = time.perf_counter()
             if drafts is None:
-                got = onnx_model.generate(ids, max_new_tokens=max_new_tokens)[0]
-                stats[name]["passes"] = stats[name].get("passes", 0) + len(got) - 1
-                stats[name]["tokens"] = stats[name].get("tokens", 0) + len(got) - 1
-                want = got
+                got = want = runner.plain(ids, max_new_tokens)
+                stats[name]["passes"] = stats[name].get("passes", 0) + len(got)
+                stats[name]["tokens"] = stats[name].get("tokens", 0) + len(got)
             else:
-                got = onnx_model.speculative(ids, max_new_tokens=max_new_tokens, draft_tokens=k, stats=stats[name],
-                                             drafts=drafts)[0]
+                got = runner.speculative(ids, max_new_tokens, k, drafts, stats[name])
             times[name].append((time.perf_counter() - start) * 1e3)
-            same[name] += len(got) == len(want) and bool((got == want).all())
+            same[name] += got == want
     plain = statistics.fmean(times["plain greedy"])
     return {name: {"identical": same[name], "passes": stats[name]["passes"], "tokens": stats[name]["tokens"],
                    "tokens_per_pass": stats[name]["tokens"] / stats[name]["passes"],
@@ -84,7 +132,8 @@ def run(onnx_model, tokenizer, questions, ways: dict, max_new_tokens: int) -> di
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", required=True, help="HF folder of a trained run (e.g. runs/quickstart/best)")
-    parser.add_argument("--float32", action="store_true", help="export float32 weights instead of int8")
+    parser.add_argument("--engine", choices=("onnx", "mlx"), default="onnx")
+    parser.add_argument("--float32", action="store_true", help="onnx: export float32 weights instead of int8")
     parser.add_argument("--limit", type=int, default=0, help="first N test questions (0: all)")
     parser.add_argument("--draft", default="4,8", help="draft lengths to compare, comma-separated (default 4,8)")
     parser.add_argument("--max-new-tokens", type=int, default=64)
@@ -93,22 +142,19 @@ def main(argv=None):
     from rich.console import Console
     from rich.table import Table
 
-    from onnx_t5 import load
-    from onnx_t5.export import export
-
     model = Path(args.model)
     splits = load_splits(model)
     questions = splits.test[:args.limit] if args.limit else splits.test
     with tempfile.TemporaryDirectory() as tmp:
-        folder = export(model, Path(tmp) / "onnx", quantize=not args.float32)
-        onnx_model, tokenizer = load(folder, threads=1)
-        ways = variants(onnx_model, tokenizer, folder, splits, [int(k) for k in args.draft.split(",")])
-        run(onnx_model, tokenizer, questions[:5], ways, args.max_new_tokens)  # warm-up
-        rows = run(onnx_model, tokenizer, questions, ways, args.max_new_tokens)
-    weights = "float32" if args.float32 else "int8"
-    result = {"model": str(model), "weights": weights, "cpu": cpu_name(), "threads": 1, "questions": len(questions),
-              "variants": rows}
-    table = Table(title=f"{model}: {weights}, {len(questions)} test questions at batch 1 ({result['cpu']}, 1 thread)")
+        runner = (MLXRunner if args.engine == "mlx" else OnnxRunner)(model, Path(tmp), args.float32)
+        ways = variants(runner.tokenizer, runner.folder, splits, runner.start, [int(k) for k in args.draft.split(",")])
+        run(runner, questions[:5], ways, args.max_new_tokens)  # warm-up
+        rows = run(runner, questions, ways, args.max_new_tokens)
+    weights = "float32" if args.float32 or args.engine == "mlx" else "int8"
+    result = {"model": str(model), "engine": args.engine, "weights": weights, "cpu": cpu_name(), "threads": 1,
+              "questions": len(questions), "variants": rows}
+    table = Table(title=f"{model}: {args.engine} {weights}, {len(questions)} test questions at batch 1 "
+                        f"({result['cpu']}, 1 thread)")
     for column in ("", "decoder passes", "tokens / pass", "ms / query (median)", "ms / query (mean)",
                    "lower latency (mean)", "= plain greedy"):
         table.add_column(column, justify="right" if column else "left")
@@ -117,7 +163,7 @@ def main(argv=None):
                       f"{r['ms_mean']:.2f}", f"{r['speedup_mean']:.2f}x", f"{r['identical']}/{len(questions)}")
     console = Console()
     console.print(table)
-    out = ROOT / "bench" / "results" / f"speculative-{weights}.json"
+    out = ROOT / "bench" / "results" / f"speculative-{args.engine}-{weights}.json"
     out.write_text(json.dumps(result, indent=2) + "\n")
     console.print(f"wrote {out.relative_to(ROOT)}")
 
