@@ -14,12 +14,13 @@ from mlx_t5.quantize import dequantize_model, quantize_model
 from mlx_t5.utils import DTYPES, load_config, load_model
 from mlx_t5.utils import model_args as mlx_model_args
 from reformulation.constants import GROUP_SIZE
+from reformulation.speculative import DRAFTS_FILE
 
 from .errors import ConvertError
 
 # Copied verbatim next to the weights: no tokenizer-library round trip can change them.
 SIDE_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "spiece.model",
-              "added_tokens.json", "generation_config.json")
+              "added_tokens.json", "generation_config.json", DRAFTS_FILE)  # drafts: speculative decoding's phrasebook
 
 PathLike = Union[str, Path]
 

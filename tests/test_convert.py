@@ -1,6 +1,8 @@
 """python -m convert: HF <-> MLX checkpoints, MLX <-> PEFT adapters, fusing, and every error path."""
 
 import json
+import shutil
+from pathlib import Path
 
 import mlx.core as mx
 import numpy as np
@@ -57,7 +59,8 @@ def with_random_adapters(model, targets="all", seed=0):
 
 @pytest.mark.parametrize("shape", ["v1-relu-tied", "odd-heads"])
 def test_hf_mlx_hf_round_trip_is_bit_exact(hf_dirs, tmp_path, capsys, shape):
-    src = hf_dirs[shape]
+    src = Path(shutil.copytree(hf_dirs[shape], tmp_path / "src"))
+    (src / "drafts.json").write_text('{"format": "phrasebook", "vocab_size": 1, "entries": []}')  # as trainers write
     assert run(capsys, "hf-to-mlx", "--model", src, "--out", tmp_path / "mlx")[0] == 0
     rc, out = run(capsys, "mlx-to-hf", "--model", tmp_path / "mlx", "--out", tmp_path / "hf")
     assert rc == 0 and "wrote" in out
@@ -65,7 +68,7 @@ def test_hf_mlx_hf_round_trip_is_bit_exact(hf_dirs, tmp_path, capsys, shape):
     assert set(a) == set(b)
     for key in a:
         assert a[key].dtype == b[key].dtype and a[key].tobytes() == b[key].tobytes(), key
-    for name in ("tokenizer.json", "tokenizer_config.json", "generation_config.json"):
+    for name in ("tokenizer.json", "tokenizer_config.json", "generation_config.json", "drafts.json"):
         assert (tmp_path / "hf" / name).read_bytes() == (src / name).read_bytes()
     before = T5ForConditionalGeneration.from_pretrained(src).eval()
     after = T5ForConditionalGeneration.from_pretrained(tmp_path / "hf").eval()
