@@ -31,3 +31,12 @@ def read_bandwidth(size_mb: int = 512, repeats: int = 5) -> float:
         a.sum()
         best = min(best, time.perf_counter() - start)
     return a.nbytes / best
+
+
+def console():
+    """A rich Console that keeps whole tables when the output goes to a file (rich uses 80 columns there)."""
+    import sys
+
+    from rich.console import Console
+
+    return Console() if sys.stdout.isatty() else Console(width=140)

@@ -29,7 +29,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 import numpy as np  # noqa: E402
 
-from machine import cpu_name, read_bandwidth  # noqa: E402
+from machine import console, cpu_name, read_bandwidth  # noqa: E402
 from reformulation.io import atomic_write_json  # noqa: E402
 
 SHARED = ROOT.parent / "shared"
@@ -125,7 +125,6 @@ def main(argv=None) -> int:
                 row["floor_ratio"] = row["p50_ms"] / floor
             result.update(bandwidth_gb_s=bw / 1e9, int8_floor_ms=floor, latency=lat)
 
-    from rich.console import Console
     from rich.table import Table
 
     table = Table(title="ONNX Runtime weights: fp32 / int8 / int4 (MatMulNBits)")
@@ -141,10 +140,10 @@ def main(argv=None) -> int:
                       f"{qrow['rouge_l_delta']:+.4f}" if qrow else "-",
                       f"{lrow['p50_ms']:.1f}" if lrow else "-", f"{lrow['floor_ratio']:.2f}" if lrow else "-",
                       f"{lrow.get('bytes', qrow.get('bytes', 0)) / 1e6:.1f}")
-    console = Console()
-    console.print(table)
+    out_console = console()
+    out_console.print(table)
     if "bandwidth_gb_s" in result:
-        console.print(f"{result['cpu']}: single-core read bandwidth {result['bandwidth_gb_s']:.1f} GB/s, int8 floor "
+        out_console.print(f"{result['cpu']}: single-core read bandwidth {result['bandwidth_gb_s']:.1f} GB/s, int8 floor "
                       f"for 30 tokens {result['int8_floor_ms']:.1f} ms")
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     atomic_write_json(Path(args.out), result)

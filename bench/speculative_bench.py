@@ -11,6 +11,11 @@ at batch 1 by every variant in turn: plain greedy (one decoder pass per token), 
 the question and the answer), and prompt lookup + the phrasebook, for each draft length. Reported: decoder
 passes, tokens per pass, milliseconds per query (median and mean), and how many answers equal plain greedy's
 token for token. Writes a rich table and bench/results/speculative-<engine>-<weights>.json.
+
+--project (onnx) adds a projection for flan-t5-small's shape, where weights stream from memory every pass: the
+decoder pass over 1 and over k + 1 positions is timed on a random model of that shape (same weights: int8 or
+float32), and each variant's measured pass reduction is scaled by that cost ratio. A projection, not a
+measurement: a random model accepts no drafts, and a trained flan-t5-small's answers may draft differently.
 """
 
 import argparse
@@ -24,7 +29,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
 
-from machine import cpu_name  # noqa: E402
+from machine import console, cpu_name  # noqa: E402
 
 
 def load_splits(model: Path):
@@ -129,6 +134,33 @@ def run(runner, questions, ways: dict, max_new_tokens: int) -> dict:
                    "speedup_mean": plain / statistics.fmean(times[name])} for name in ways}
 
 
+def pass_cost(float32: bool, positions: list[int], tmp: Path, repeats: int = 40) -> dict:
+    """Median ms of one ONNX decoder pass over n new positions after a 16-token answer, flan-t5-small's shape."""
+    import numpy as np
+
+    sys.path.insert(0, str(ROOT / "tests"))
+    from hf_models import make_model
+
+    from onnx_t5 import OnnxT5
+    from onnx_t5.export import export_folder
+
+    folder = tmp / "flan-small"
+    folder.mkdir()
+    export_folder(make_model("flan-small"), folder, quantize=not float32)
+    model = OnnxT5(folder, threads=1)
+    ids = np.arange(100, 124, dtype=np.int64)[None]
+    feed = model.begin(ids)
+    model.decode(feed, np.arange(200, 216, dtype=np.int64)[None], 0)
+    times = {n: [] for n in positions}
+    for _ in range(repeats):
+        for n in positions:
+            start = time.perf_counter()
+            model.decode(feed, np.arange(300, 300 + n, dtype=np.int64)[None], 16)
+            times[n].append((time.perf_counter() - start) * 1e3)
+            model.truncate(feed, 16)
+    return {n: statistics.median(t) for n, t in times.items()}
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", required=True, help="HF folder of a trained run (e.g. runs/quickstart/best)")
@@ -137,9 +169,11 @@ def main(argv=None):
     parser.add_argument("--limit", type=int, default=0, help="first N test questions (0: all)")
     parser.add_argument("--draft", default="4,8", help="draft lengths to compare, comma-separated (default 4,8)")
     parser.add_argument("--max-new-tokens", type=int, default=64)
+    parser.add_argument("--project", action="store_true",
+                        help="onnx: also project each variant onto flan-t5-small's shape (see above)")
+    parser.add_argument("--out", help="result file (default bench/results/speculative-<engine>-<weights>.json)")
     args = parser.parse_args(argv)
 
-    from rich.console import Console
     from rich.table import Table
 
     model = Path(args.model)
@@ -150,23 +184,31 @@ def main(argv=None):
         ways = variants(runner.tokenizer, runner.folder, splits, runner.start, [int(k) for k in args.draft.split(",")])
         run(runner, questions[:5], ways, args.max_new_tokens)  # warm-up
         rows = run(runner, questions, ways, args.max_new_tokens)
+        cost = pass_cost(args.float32, sorted({1} | {k + 1 for _, k in ways.values()}), Path(tmp)) \
+            if args.project and args.engine == "onnx" else None
+    if cost:
+        for name, (_, k) in ways.items():
+            rows[name]["flan_small_pass_ms"] = cost[k + 1]
+            rows[name]["flan_small_projected_speedup"] = rows[name]["pass_reduction"] * cost[1] / cost[k + 1]
     weights = "float32" if args.float32 or args.engine == "mlx" else "int8"
     result = {"model": str(model), "engine": args.engine, "weights": weights, "cpu": cpu_name(), "threads": 1,
               "questions": len(questions), "variants": rows}
     table = Table(title=f"{model}: {args.engine} {weights}, {len(questions)} test questions at batch 1 "
                         f"({result['cpu']}, 1 thread)")
     for column in ("", "decoder passes", "fewer passes", "drafts accepted / pass", "ms / query (median)",
-                   "ms / query (mean)", "lower latency (mean)", "= plain greedy"):
+                   "ms / query (mean)", "lower latency (mean)", "= plain greedy") + \
+            (("flan-small pass ms", "flan-small projected") if cost else ()):
         table.add_column(column, justify="right" if column else "left")
     for name, r in rows.items():
         table.add_row(name, f"{r['passes']:,}", f"{r['pass_reduction']:.2f}x", f"{r['tokens_per_pass'] - 1:.2f}",
                       f"{r['ms_median']:.2f}", f"{r['ms_mean']:.2f}", f"{r['speedup_mean']:.2f}x",
-                      f"{r['identical']}/{len(questions)}")
-    console = Console()
-    console.print(table)
-    out = ROOT / "bench" / "results" / f"speculative-{args.engine}-{weights}.json"
+                      f"{r['identical']}/{len(questions)}",
+                      *((f"{r['flan_small_pass_ms']:.2f}", f"{r['flan_small_projected_speedup']:.2f}x") if cost else ()))
+    out_console = console()
+    out_console.print(table)
+    out = Path(args.out or ROOT / "bench" / "results" / f"speculative-{args.engine}-{weights}.json").resolve()
     out.write_text(json.dumps(result, indent=2) + "\n")
-    console.print(f"wrote {out.relative_to(ROOT)}")
+    out_console.print(f"wrote {out}")
 
 
 if __name__ == "__main__":
