@@ -143,8 +143,8 @@ def main(argv=None) -> int:
     out_console = console()
     out_console.print(table)
     if "bandwidth_gb_s" in result:
-        out_console.print(f"{result['cpu']}: single-core read bandwidth {result['bandwidth_gb_s']:.1f} GB/s, int8 floor "
-                      f"for 30 tokens {result['int8_floor_ms']:.1f} ms")
+        out_console.print(f"{result['cpu']}: single-core read bandwidth {result['bandwidth_gb_s']:.1f} GB/s, "
+                          f"int8 floor for 30 tokens {result['int8_floor_ms']:.1f} ms")
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     atomic_write_json(Path(args.out), result)
     return 0

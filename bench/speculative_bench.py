@@ -19,7 +19,6 @@ measurement: a random model accepts no drafts, and a trained flan-t5-small's ans
 """
 
 import argparse
-import json
 import statistics
 import sys
 import tempfile
@@ -30,6 +29,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
 
 from machine import console, cpu_name  # noqa: E402
+from reformulation.io import atomic_write_json  # noqa: E402
 
 
 def load_splits(model: Path):
@@ -207,7 +207,8 @@ def main(argv=None):
     out_console = console()
     out_console.print(table)
     out = Path(args.out or ROOT / "bench" / "results" / f"speculative-{args.engine}-{weights}.json").resolve()
-    out.write_text(json.dumps(result, indent=2) + "\n")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(out, result)
     out_console.print(f"wrote {out}")
 
 
