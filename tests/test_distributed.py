@@ -21,11 +21,11 @@ import pytest
 import yaml
 from hf_models import make_model, save_word_tokenizer
 from rich.console import Console
+from runs import losses, tiny_run
 
 from mlx_t5.trainer import TrainError, train
 from reformulation.config import load_config
 from reformulation.data import read_jsonl
-from reformulation.reporting import read_metrics
 
 ROOT = Path(__file__).resolve().parents[1]
 LAUNCH = Path(sys.executable).with_name("mlx.launch")
@@ -50,11 +50,8 @@ def workdir(tmp_path_factory, full_jsonl):
 
 
 def settings(workdir, out, **overrides) -> dict:
-    values = dict(model=str(workdir / "model"), data=[str(workdir / "data.jsonl")], split_fractions=[1.0, 0.0, 0.0],
-                  output_dir=str(out), batch_size=7, max_steps=12, learning_rate=1e-3, dropout=0.0, eval_every=0,
-                  log_every=1, eval_max_new_tokens=8, distributed_timeout=60.0)
-    values.update(overrides)
-    return values
+    return tiny_run(workdir, out, **{"batch_size": 7, "max_steps": 12, "eval_max_new_tokens": 8,
+                                     "distributed_timeout": 60.0, **overrides})
 
 
 def write_config(path: Path, values: dict) -> Path:
@@ -64,10 +61,6 @@ def write_config(path: Path, values: dict) -> Path:
 
 def single(values: dict) -> dict:
     return train(load_config(None, values), Console(file=io.StringIO()))
-
-
-def losses(out: Path) -> dict[int, float]:
-    return {r["step"]: r["loss"] for r in read_metrics(out / "metrics.jsonl") if "loss" in r}
 
 
 def free_port() -> int:

@@ -22,6 +22,7 @@ import torch
 from hf_models import make_model, save_word_tokenizer
 from mlx.utils import tree_flatten
 from rich.console import Console
+from runs import losses, tiny_run
 from transformers import T5ForConditionalGeneration, get_cosine_schedule_with_warmup, get_linear_schedule_with_warmup
 
 import mlx_t5
@@ -66,11 +67,8 @@ def workdir(tmp_path_factory, examples):
 
 
 def config(workdir, out, **overrides) -> TrainConfig:
-    values = dict(model=str(workdir / "model"), data=[str(workdir / "data.jsonl")], split_fractions=[1.0, 0.0, 0.0],
-                  output_dir=str(out), batch_size=4, max_steps=10, learning_rate=1e-3, dropout=0.0, eval_every=0,
-                  log_every=1, eval_batch_size=16, eval_max_new_tokens=24)
-    values.update(overrides)
-    return load_config(None, values)
+    return load_config(None, tiny_run(workdir, out, **{"batch_size": 4, "max_steps": 10, "eval_batch_size": 16,
+                                                       "eval_max_new_tokens": 24, **overrides}))
 
 
 pytestmark = pytest.mark.usefixtures("blas_one_thread")  # conftest: tiny models, one BLAS thread
@@ -78,10 +76,6 @@ pytestmark = pytest.mark.usefixtures("blas_one_thread")  # conftest: tiny models
 
 def run(cfg: TrainConfig) -> dict:
     return train(cfg, Console(**QUIET))
-
-
-def losses(out: Path) -> dict[int, float]:
-    return {r["step"]: r["loss"] for r in read_metrics(out / "metrics.jsonl") if "loss" in r}
 
 
 # The command line in a child process whose steps take 0.2 s longer (same numerics), so the test can kill it
