@@ -67,7 +67,7 @@ def main(argv=None):
     args = p.parse_args(argv)
 
     import torch
-    from rich.console import Console
+    from machine import make_console
     from rich.table import Table
 
     if args.threads:
@@ -83,7 +83,7 @@ def main(argv=None):
     ratios = [row["mlx_vs_torch"] for row in rows]
     geomean = statistics.geometric_mean(ratios)
 
-    console = Console(width=120)
+    console = make_console()
     table = Table(title=f"float32 matmul GFLOP/s: {machine['cpu']}; MLX BLAS {machine['blas']['config']}, "
                         f"{torch.get_num_threads()} torch / {mlx_t5.blas.get_threads()} BLAS threads")
     for column in ("shape", "m x k x n", "MLX", "torch", "numpy", "MLX / torch"):

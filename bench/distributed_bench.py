@@ -28,7 +28,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from machine import cpu_name  # noqa: E402
+from machine import cpu_name, make_console  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 LAUNCH = Path(sys.executable).with_name("mlx.launch")
@@ -115,10 +115,9 @@ def main(argv=None):
     if args.allreduce_worker is not None:
         return allreduce_worker(args.allreduce_worker, args.reps)
 
-    from rich.console import Console
     from rich.table import Table
 
-    console = Console()
+    console = make_console()
     results = {"cpu": cpu_name(), "batch": args.batch, "steps": args.steps, "models": {}}
     for model in args.models.split(","):
         params = parameters(model)

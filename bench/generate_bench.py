@@ -27,7 +27,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from hf_models import SHAPES, make_model  # noqa: E402
 from mlx.utils import tree_flatten  # noqa: E402
-from rich.console import Console  # noqa: E402
+from machine import make_console  # noqa: E402
 from rich.progress import Progress  # noqa: E402
 from rich.table import Table  # noqa: E402
 
@@ -72,7 +72,7 @@ def main(argv=None) -> int:
                    help="torch threads and OpenBLAS threads (default: the core count)")
     p.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "generate.json")
     args = p.parse_args(argv)
-    console = Console() if sys.stdout.isatty() else Console(width=130)  # pipes get 80 columns otherwise
+    console = make_console()
     threads = args.threads
     torch.set_num_threads(threads)
     if mlx_t5.blas.STATE.path:  # the OpenBLAS MLX uses on Linux; it reads OPENBLAS_NUM_THREADS only at load

@@ -140,7 +140,7 @@ def measure(runs: dict, warmup: int, repeats: int, progress, task) -> dict[str, 
 
 def main(argv=None) -> int:
     import torch
-    from rich.console import Console
+    from machine import make_console
     from rich.progress import Progress
     from rich.table import Table
     from transformers import AutoTokenizer, T5ForConditionalGeneration
@@ -155,7 +155,7 @@ def main(argv=None) -> int:
     parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "latency.json"))
     args = parser.parse_args(argv)
 
-    console = Console()
+    console = make_console()
     if not TOKENIZER.is_dir() and args.model is None:
         console.print(f"[red]error:[/] {TOKENIZER} not found (needs ../shared beside the checkout)")
         return 2

@@ -33,7 +33,7 @@ def read_bandwidth(size_mb: int = 512, repeats: int = 5) -> float:
     return a.nbytes / best
 
 
-def console():
+def make_console():
     """A rich Console that keeps whole tables when the output goes to a file (rich uses 80 columns there)."""
     import sys
 

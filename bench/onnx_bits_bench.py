@@ -29,7 +29,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 import numpy as np  # noqa: E402
 
-from machine import console, cpu_name, read_bandwidth  # noqa: E402
+from machine import make_console, cpu_name, read_bandwidth  # noqa: E402
 from reformulation.io import atomic_write_json  # noqa: E402
 
 SHARED = ROOT.parent / "shared"
@@ -140,11 +140,11 @@ def main(argv=None) -> int:
                       f"{qrow['rouge_l_delta']:+.4f}" if qrow else "-",
                       f"{lrow['p50_ms']:.1f}" if lrow else "-", f"{lrow['floor_ratio']:.2f}" if lrow else "-",
                       f"{lrow.get('bytes', qrow.get('bytes', 0)) / 1e6:.1f}")
-    out_console = console()
-    out_console.print(table)
+    console = make_console()
+    console.print(table)
     if "bandwidth_gb_s" in result:
-        out_console.print(f"{result['cpu']}: single-core read bandwidth {result['bandwidth_gb_s']:.1f} GB/s, "
-                          f"int8 floor for 30 tokens {result['int8_floor_ms']:.1f} ms")
+        console.print(f"{result['cpu']}: single-core read bandwidth {result['bandwidth_gb_s']:.1f} GB/s, "
+                      f"int8 floor for 30 tokens {result['int8_floor_ms']:.1f} ms")
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     atomic_write_json(Path(args.out), result)
     return 0

@@ -161,7 +161,7 @@ def measure(name: str, model, batch, queries, ignore_eos: bool, new_tokens: int,
 
 
 def main(argv=None) -> int:
-    from rich.console import Console
+    from machine import make_console
     from rich.table import Table
     from transformers import AutoTokenizer
 
@@ -173,7 +173,7 @@ def main(argv=None) -> int:
     parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "quantize.json"))
     args = parser.parse_args(argv)
 
-    console = Console()
+    console = make_console()
     if not DATA.is_file() or not TOKENIZER.is_dir():
         console.print(f"[red]error:[/] needs {DATA} and {TOKENIZER} (../shared beside the checkout)")
         return 2

@@ -226,7 +226,7 @@ def direct_ab(model: Path, backends: list[str], queries: list[str], n: int, new_
 
 
 def main(argv=None) -> int:
-    from rich.console import Console
+    from machine import make_console
     from rich.markup import escape
     from rich.table import Table
 
@@ -253,7 +253,7 @@ def main(argv=None) -> int:
     args.concurrency = [int(c) for c in args.concurrency.split(",") if c]
     backends = [b for b in args.backends.split(",") if b]
     unknown = [b for b in backends if b not in BACKENDS + ("onnx-batches",)]
-    console = Console(width=None if sys.stdout.isatty() else 120)  # logs keep the whole table
+    console = make_console()
     if unknown:
         console.print(f"[red]error:[/] unknown backend(s) {unknown}; choose from {', '.join(BACKENDS)}")
         return 2

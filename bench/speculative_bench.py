@@ -28,7 +28,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
 
-from machine import console, cpu_name  # noqa: E402
+from machine import make_console, cpu_name  # noqa: E402
 from reformulation.io import atomic_write_json  # noqa: E402
 
 
@@ -204,12 +204,12 @@ def main(argv=None):
                       f"{r['ms_median']:.2f}", f"{r['ms_mean']:.2f}", f"{r['speedup_mean']:.2f}x",
                       f"{r['identical']}/{len(questions)}",
                       *((f"{r['flan_small_pass_ms']:.2f}", f"{r['flan_small_projected_speedup']:.2f}x") if cost else ()))
-    out_console = console()
-    out_console.print(table)
+    console = make_console()
+    console.print(table)
     out = Path(args.out or ROOT / "bench" / "results" / f"speculative-{args.engine}-{weights}.json").resolve()
     out.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_json(out, result)
-    out_console.print(f"wrote {out}")
+    console.print(f"wrote {out}")
 
 
 if __name__ == "__main__":

@@ -183,10 +183,10 @@ def main() -> int:
     if args.worker:
         return worker_main(args)
 
-    from rich.console import Console
+    from machine import make_console
     from rich.table import Table
 
-    console = Console()
+    console = make_console()
     if not DATA.is_file() or not TOKENIZER.is_dir():
         console.print(f"[red]error:[/] needs {DATA} and {TOKENIZER}")
         return 2
