@@ -1,8 +1,9 @@
-"""What every benchmark prints next to its figures: the CPU and its measured memory bandwidth."""
+"""What every benchmark shares: the CPU and its measured memory bandwidth next to its figures, and its console."""
 
 import os
 import platform
 import subprocess
+import sys
 import time
 
 import numpy as np
@@ -35,8 +36,6 @@ def read_bandwidth(size_mb: int = 512, repeats: int = 5) -> float:
 
 def make_console():
     """A rich Console that keeps whole tables when the output goes to a file (rich uses 80 columns there)."""
-    import sys
-
     from rich.console import Console
 
     return Console() if sys.stdout.isatty() else Console(width=140)

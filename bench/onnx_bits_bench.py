@@ -29,7 +29,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 import numpy as np  # noqa: E402
 
-from machine import make_console, cpu_name, read_bandwidth  # noqa: E402
+from machine import cpu_name, make_console, read_bandwidth  # noqa: E402
 from reformulation.io import atomic_write_json  # noqa: E402
 
 SHARED = ROOT.parent / "shared"
