@@ -26,7 +26,7 @@ from .utils import model_config
 RESUME_KEYS = ("model", "init", "data", "split", "split_fractions", "sample_fraction", "normalize",
                "max_source_length", "max_target_length", "batch_size", "grad_accum", "seed", "optimizer",
                "lora", "lora_rank", "lora_alpha", "lora_targets", "quantize_base", "tokenizer_vocab_size",
-               "augment_copies", "augment_invented")
+               "augment_copies", "augment_invented", "augment_names")
 
 
 class TrainError(RuntimeError):

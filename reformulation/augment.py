@@ -12,11 +12,12 @@ Nothing from a held-out split is ever used: the replacement pool comes from the 
 
 from __future__ import annotations
 
+import collections
 import functools
 import random
 import re
 from dataclasses import replace
-from typing import Iterable, Sequence
+from typing import Callable, Iterable, Sequence
 
 from .data import Example
 
@@ -76,6 +77,43 @@ def invented_name(rng: random.Random, words: int) -> str:
     return " ".join(word() for _ in range(words))
 
 
+class LetterModel:
+    """Invented names spelled like the training names: a character model of order 3 over the words of the
+    swappable spans ("Paleutian", "Chatute", "Murretar"). The syllable generator's names all share a few dozen
+    onsets and codas; real unseen names ("Milankovic", "Otorohanga") do not, and a model that only learned to copy
+    those garbles them. Words the pool holds are never produced, so every name is new."""
+
+    ORDER = 3
+
+    def __init__(self, spans: Iterable[str]):
+        words = sorted({w for span in spans for w in span.split() if w.isalpha()})
+        if not words:
+            raise ValueError("no alphabetic words to learn names from")
+        follow = collections.defaultdict(collections.Counter)
+        for word in words:
+            padded = "^" * self.ORDER + word.lower() + "$"
+            for i in range(self.ORDER, len(padded)):
+                follow[padded[i - self.ORDER:i]][padded[i]] += 1
+        self.table = {ctx: (list(n), list(n.values())) for ctx, n in follow.items()}
+        self.known = {w.lower() for w in words}
+
+    def word(self, rng: random.Random) -> str:
+        for _ in range(100):  # a pool of a few names may spell nothing new: then a syllable name
+            ctx, out = "^" * self.ORDER, ""
+            while True:
+                ch = rng.choices(*self.table[ctx])[0]
+                if ch == "$":
+                    break
+                out += ch
+                ctx = ctx[1:] + ch
+            if 3 <= len(out) <= 14 and out not in self.known:
+                return out.capitalize()
+        return invented_name(rng, 1)
+
+    def name(self, rng: random.Random, words: int) -> str:
+        return " ".join(self.word(rng) for _ in range(words))
+
+
 def swap(example: Example, mapping: dict[str, str]) -> Example:
     """The example with every span in `mapping` replaced, longest first, in the query and every subquery."""
     if not mapping:
@@ -89,24 +127,34 @@ def swap(example: Example, mapping: dict[str, str]) -> Example:
     return replace(example, query=apply(example.query), subqueries=tuple(apply(s) for s in example.subqueries))
 
 
-def augment(examples: Iterable[Example], copies: int, seed: int = 0, invented: float = 0.5) -> list[Example]:
+NAMES = ("syllables", "letters")
+
+
+def augment(examples: Iterable[Example], copies: int, seed: int = 0, invented: float = 0.5,
+            names: str = "syllables") -> list[Example]:
     """`copies` entity-swapped variants of every example that copies a span from its query (the originals are
     not included). Each swapped name gets an invented one with probability `invented`, else a name of another of
-    these examples. Deterministic for a seed."""
+    these examples. Invented names: "syllables" (invented_name) or "letters" (a LetterModel of these examples'
+    names). Deterministic for a seed."""
     if copies < 0:
         raise ValueError(f"copies must be >= 0, got {copies}")
     if not 0 <= invented <= 1:
         raise ValueError(f"invented must be in [0, 1], got {invented}")
+    if names not in NAMES:
+        raise ValueError(f"names must be one of {', '.join(NAMES)}, got {names!r}")
     examples = list(examples)
     found = [copied_spans(e.query, e.subqueries) for e in examples]
     pool = sorted({span for spans in found for span in spans})
     rng = random.Random(seed)
+    invent: Callable[[random.Random, int], str] = invented_name
+    if names == "letters" and any(w.isalpha() for span in pool for w in span.split()):
+        invent = LetterModel(pool).name
     out = []
     for example, spans in zip(examples, found):
         if not spans:
             continue
         for _ in range(copies):
-            mapping = {span: invented_name(rng, len(span.split())) if rng.random() < invented else rng.choice(pool)
+            mapping = {span: invent(rng, len(span.split())) if rng.random() < invented else rng.choice(pool)
                        for span in spans}
             out.append(swap(example, mapping))
     return out

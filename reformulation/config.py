@@ -102,6 +102,9 @@ class TrainConfig:
                                   "query replaced in query and target; 0: off)", ">= 0")
     augment_invented: float = setting(0.5, "share of swapped names that are invented (the rest come from other "
                                       "training rows)", "in [0, 1]")
+    augment_names: Literal["syllables", "letters"] = setting("syllables", "how invented names are spelled: "
+                                                             "syllables (a fixed set) or letters (a character "
+                                                             "model of the training names)")
     # run
     output_dir: str = setting("runs/latest", "folder for checkpoints, config.yaml, metrics.jsonl")
     epochs: float = setting(3.0, "passes over the training split")  # > 0 unless max_steps is set: see validate

@@ -28,7 +28,8 @@ def training_examples(cfg: TrainConfig, train: list[Example]) -> list[Example]:
     nothing of valid or test enters training)."""
     if not cfg.augment_copies:
         return list(train)
-    return list(train) + augment(train, cfg.augment_copies, cfg.seed, cfg.augment_invented)
+    return list(train) + augment(train, cfg.augment_copies, cfg.seed, cfg.augment_invented,
+                                 cfg.augment_names)
 
 
 def phrasebook(tokenizer, train: list[Example], decoder_start: int):

@@ -9,7 +9,7 @@ import random
 
 import pytest
 
-from reformulation.augment import augment, copied_spans, invented_name, swap
+from reformulation.augment import LetterModel, augment, copied_spans, invented_name, swap
 from reformulation.data import Example, load_examples, make_splits
 from reformulation.tokenizer import MIN_VOCAB, round_trip_failures, train_tokenizer
 
@@ -89,13 +89,14 @@ def test_augmentation_keeps_pairs_consistent_and_is_deterministic(splits):
     assert changed == len(rows)
 
 
-def test_augmentation_never_puts_a_test_split_string_into_training(splits):
+@pytest.mark.parametrize("names", ["syllables", "letters"])
+def test_augmentation_never_puts_a_test_split_string_into_training(splits, names):
     """A name that only the held-out splits contain (never in any training text) appears in no augmented row."""
     train_text = " ".join(e.query + " " + e.target for e in splits.train)
     held_out = {span for e in splits.valid + splits.test for span in copied_spans(e.query, e.subqueries)}
     held_out_only = {s for s in held_out if s not in train_text and len(s) > 3}
     assert len(held_out_only) > 30   # the test below has something to find
-    rows = augment(splits.train, copies=3, seed=0)
+    rows = augment(splits.train, copies=3, seed=0, names=names)
     augmented_text = "\n".join(e.query + "\n" + e.target for e in rows)
     leaked = [s for s in held_out_only if s in augmented_text]
     # an invented name could in principle spell a real one by chance; none does
@@ -108,6 +109,25 @@ def test_invented_names_are_reproducible_and_word_counted():
     assert names == [invented_name(rng_b, 2) for _ in range(20)]
     assert all(len(n.split()) == 2 and n.split()[0][0].isupper() for n in names)
     assert len(set(names)) == 20
+
+
+def test_letter_names_are_new_words_spelled_like_the_training_names(splits):
+    spans = sorted({s for e in splits.train for s in copied_spans(e.query, e.subqueries)})
+    model = LetterModel(spans)
+    names = [model.name(random.Random(i), 2) for i in range(200)]
+    assert names == [LetterModel(spans).name(random.Random(i), 2) for i in range(200)]
+    words = [w for n in names for w in n.split()]
+    assert all(len(n.split()) == 2 for n in names) and len(set(words)) > 300
+    assert not {w.lower() for w in words} & {w.lower() for s in spans for w in s.split()}   # never a pool word
+    # letters of the training names, not the syllable generator's few onsets: "c" + consonant, "ck", "ph"...
+    letters = " ".join(words).lower()
+    assert all(pair in letters for pair in ("ck", "ph", "ll", "ic"))
+    rows = augment(splits.train[:300], copies=2, seed=0, invented=1.0, names="letters")
+    assert rows != augment(splits.train[:300], copies=2, seed=0, invented=1.0)
+    with pytest.raises(ValueError, match="names"):
+        augment(splits.train[:10], copies=1, names="runes")
+    # a pool that spells nothing new still gets names
+    assert len(LetterModel(["Paris"]).name(random.Random(0), 3).split()) == 3
 
 
 def test_config_rejects_a_task_tokenizer_for_a_pretrained_model(tmp_path):
