@@ -310,10 +310,11 @@ def test_task_tokenizer_and_augmentation_from_scratch(tmp_path, tiny_config, ful
 
     out = tmp_path / "run"
     argv = ["--init", str(tiny_config), "--max-steps", "4", "--learning-rate", "3e-3", "--tokenizer-vocab-size",
-            "400", "--augment-copies", "2", "--eval-every", "0"]
+            "400", "--augment-copies", "2", "--augment-names", "letters", "--eval-every", "0"]
     assert torch_train.main(argv + common_flags(full_jsonl, out, sample_fraction=0.02)) == 0
     printed = capsys.readouterr().out
-    cfg = load_config(None, dict(data=[str(full_jsonl)], sample_fraction=0.02, augment_copies=2, init="small"))
+    cfg = load_config(None, dict(data=[str(full_jsonl)], sample_fraction=0.02, augment_copies=2,
+                                 augment_names="letters", init="small"))
     splits = make_splits(load_examples(cfg.data), "target", None, 0.02, cfg.seed)
     extra = len(training_examples(cfg, splits.train)) - len(splits.train)
     assert extra > 0 and f"+ {extra:,} entity-swapped" in printed and "Test examples" in printed

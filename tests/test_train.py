@@ -409,8 +409,8 @@ def test_from_scratch_with_task_tokenizer_and_augmentation_trains_resumes_and_lo
                  feed_forward_proj="relu", tie_word_embeddings=True)
     (tmp_path / "shape.json").write_text(json.dumps(shape))
     common = dict(model=None, init=str(tmp_path / "shape.json"), split_fractions=[0.75, 0.0, 0.25],
-                  tokenizer_vocab_size=320, augment_copies=2, max_steps=8, batch_size=8, save_every=4,
-                  learning_rate=3e-3, eval_max_new_tokens=8)
+                  tokenizer_vocab_size=320, augment_copies=2, augment_names="letters", max_steps=8, batch_size=8,
+                  save_every=4, learning_rate=3e-3, eval_max_new_tokens=8)
     console_out = io.StringIO()
     full = train(config(workdir, tmp_path / "full", **common), Console(file=console_out, width=120))
     assert "entity-swapped" in console_out.getvalue() and "Test examples" in console_out.getvalue()
