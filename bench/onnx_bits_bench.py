@@ -8,11 +8,11 @@ Quality (--model, a trained HF folder): the test split answered greedily at batc
 "agree" = answers identical to fp32's, token for token; test ROUGE-L against the references.
 Latency: flan-t5-small shape with random weights, a 24-token input -> exactly 30 new tokens (EOS ignored),
 plain greedy (no speculation: random weights copy nothing), 1 thread; each variant answers --repeats queries in
-a row, as a server does (its weights stay in cache where they fit), the variants taking turns in 3 rounds;
-"interleaved" alternates variants query by query (cold cache every query). Floor: at batch 1 every decoder
-step streams the int8 decoder and LM head (~38 MB); 38 MB x 30 steps / the single-core read bandwidth measured
-here (numpy sum over a 512 MiB array) is what int8 cannot beat from DRAM; ratio = p50 / floor. Writes a table
-and bench/results/onnx_bits.json.
+a row, as a server does (its weights may stay in cache where they fit), the variants taking turns in 3 rounds;
+"interleaved" alternates variants query by query (each query finds another's weights in cache). Floor: at
+batch 1 every decoder step streams the int8 decoder and LM head (~38 MB); 38 MB x 30 steps / the single-core read
+bandwidth measured here (numpy sum over a 512 MiB array) is what int8 cannot beat from DRAM; ratio = p50 / floor.
+Writes a table and bench/results/onnx_bits.json.
 """
 
 import argparse
@@ -82,11 +82,11 @@ def quality(model_path: str, data: str, names, tmp: Path, limit: int) -> dict:
 
 
 def latency(names, tmp: Path, repeats: int, tokens: int = 30, rounds: int = 3) -> dict:
-    """p50 of each variant answered as a server answers: query after query with the same weights (which then
-    stay in the L3 cache when they fit: 4-bit's ~19 MB does in a 32 MB L3, int8's ~38 MB does not). Variants take
+    """p50 of each variant answered as a server answers: query after query with the same weights (4-bit's ~19 MB
+    may then stay in a 32 MB L3; int8's ~38 MB cannot). Variants take
     turns in blocks of `repeats` queries, `rounds` times (the box's noise drifts); the first query of each block,
     which finds the other variant's weights in cache, is dropped. Also the p50 with variants alternating query by
-    query ("interleaved", what sessions before 10 reported): every query then starts from a cold cache."""
+    query ("interleaved", what sessions before 10 reported)."""
     from hf_models import make_model
 
     hf = make_model("flan-small")
