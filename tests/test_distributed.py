@@ -108,7 +108,8 @@ def weights(folder: Path, name: str) -> dict:
 @pytest.mark.parametrize("mode", ["full", "lora", "qlora"])
 def test_two_ranks_train_like_one_rank_on_the_same_global_batch(workdir, tmp_path, mode):
     """Batch 7 (shards of 4 and 3 rows, different padding) and an uneven last batch: losses of every step
-    and the final weights agree within 1e-5 relative; rank 0 alone writes the run folder."""
+    and the final weights agree within 1e-4 relative (float32 sums over shards of another shape round differently
+    with the BLAS's kernel for each shape: ~2e-5 on AMD Zen 5); rank 0 alone writes the run folder."""
     extra = {"full": {}, "lora": dict(lora=True, lora_targets="all", learning_rate=5e-3),
              "qlora": dict(lora=True, quantize_base=8, learning_rate=5e-3, model=str(workdir / "model-v1"))}[mode]
     single(settings(workdir, tmp_path / "one", **extra))
@@ -119,13 +120,13 @@ def test_two_ranks_train_like_one_rank_on_the_same_global_batch(workdir, tmp_pat
     want, got = losses(tmp_path / "one"), losses(tmp_path / "two")
     assert sorted(got) == list(range(1, 13))
     for step in want:
-        assert got[step] == pytest.approx(want[step], rel=1e-5), f"step {step}"
+        assert got[step] == pytest.approx(want[step], rel=1e-4), f"step {step}"
     name = "model.safetensors" if mode == "full" else "adapters.safetensors"
     folder = "final" if mode == "full" else "adapter"
     a, b = weights(tmp_path / "one" / folder, name), weights(tmp_path / "two" / folder, name)
     assert a.keys() == b.keys()
     for k in a:  # per tensor, in norm: Adam's m / sqrt(v) turns rounding of a ~0 gradient into a full step
-        assert np.linalg.norm(b[k] - a[k]) <= 1e-5 * np.linalg.norm(a[k]), k
+        assert np.linalg.norm(b[k] - a[k]) <= 1e-4 * np.linalg.norm(a[k]), k
     state = json.loads((tmp_path / "two" / "checkpoint" / "trainer_state.json").read_text())
     assert state["world_size"] == 2
 
@@ -150,8 +151,8 @@ def test_two_ranks_stop_together_on_a_signal_and_resume_with_two_ranks_only(work
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     want, got = losses(tmp_path / "one"), losses(tmp_path / "two")
     assert sorted(got) == list(range(1, 401))
-    for step in (1, stopped, stopped + 1, 400):
-        assert got[step] == pytest.approx(want[step], rel=1e-5), f"step {step}"
+    for step in (1, stopped, stopped + 1, 400):  # 400 steps of shard-shaped rounding: ~1e-5 apart on AMD Zen 5
+        assert got[step] == pytest.approx(want[step], rel=1e-4), f"step {step}"
 
 
 @pytest.mark.parametrize("change, named", [

@@ -18,6 +18,28 @@ def batch_of(tokenizer, queries=QUERIES):
     return tokenizer(queries, return_tensors="pt", padding=True)
 
 
+def assert_same_tokens(model, batch, got, expected, margin: float = 0.05):
+    """Token for token generate's, except that a row may part from it at a near-tie: where the reference's two best
+    logits are within `margin`. The loop fuses projections and keeps its own cache, so its float32 sums round
+    differently from generate's wherever the BLAS picks another kernel for another shape (OpenBLAS on a CPU it has no
+    kernels for, e.g. AMD Zen 5: int8 re-quantization then turns a 0.01 logit gap into another token)."""
+    width = min(got.shape[1], expected.shape[1])
+    parted = False
+    for row in range(expected.shape[0]):
+        diff = (got[row, :width] != expected[row, :width]).nonzero()
+        if not len(diff):
+            continue
+        t = diff[0].item()
+        with torch.no_grad():
+            logits = model(input_ids=batch["input_ids"][row:row + 1],
+                           attention_mask=batch["attention_mask"][row:row + 1],
+                           decoder_input_ids=expected[row:row + 1, :t]).logits[0, -1]
+        top = logits.topk(2).values
+        assert top[0] - top[1] < margin, f"row {row} parts from generate at token {t}, not at a near-tie: {top}"
+        parted = True
+    assert got.shape == expected.shape or parted, (got.shape, expected.shape)
+
+
 @pytest.mark.parametrize("int8", [False, True], ids=["fp32", "int8"])
 @pytest.mark.parametrize("shape", list(SHAPES))
 def test_same_tokens_as_generate(shape, int8, tokenizer):
@@ -28,13 +50,13 @@ def test_same_tokens_as_generate(shape, int8, tokenizer):
     ended = (expected == eos).any(dim=1)
     assert ended.any() and not ended.all(), expected  # not vacuous: some rows end early, some run on
     got = GreedyDecoder(model)(batch["input_ids"], batch["attention_mask"], max_new_tokens=24)
-    assert got.shape == expected.shape
-    assert torch.equal(got, expected)
+    assert_same_tokens(model, batch, got, expected)
 
     # min_new_tokens masks EOS until then: exactly that many tokens, like generate(min_new_tokens=...)
     expected = hf_generate(model, batch, max_new_tokens=16, min_new_tokens=16)
     got = GreedyDecoder(model)(batch["input_ids"], batch["attention_mask"], max_new_tokens=16, min_new_tokens=16)
-    assert got.shape == (len(QUERIES), 17) and torch.equal(got, expected)
+    assert got.shape == (len(QUERIES), 17)
+    assert_same_tokens(model, batch, got, expected)
 
 
 def test_steps_stream_and_stop(tokenizer):
