@@ -6,7 +6,9 @@ matmuls. This loop runs the same computation in fewer, larger operations: q/k/v 
 matmul each, the cross-attention K/V once per request, a preallocated self-attention cache, the
 decoder position bias built once. It returns what ``model.generate(num_beams=1, do_sample=False)``
 returns, for fp32 models and for the int8 models of ``torch_t5.int8`` (whose fused projections
-are bit-identical: the activation scale of a row does not depend on which weights follow).
+are bit-identical: the activation scale of a row does not depend on which weights follow), token for token
+wherever the BLAS rounds the fused and the separate matmuls alike; where it does not (OpenBLAS on AMD Zen 5), a
+row may take the other of two near-tied tokens.
 
     from torch_t5.greedy import GreedyDecoder
     decoder = GreedyDecoder(model)          # once per model
