@@ -4,7 +4,7 @@
     python bench/copy_probe.py --model runs/quickstart/best --model /tmp/other/best     # side by side
 
 For each test-split row whose reference copies names from the question (reformulation.augment.copied_spans), three
-versions are answered greedily (transformers' generate, batches of 128):
+versions are answered greedily (torch_t5.infer.generate, what chat.py's torch backend runs, batches of 128):
   - test: the row as it is (its names are mostly absent from training: the split is by target);
   - letters: every copied name swapped, consistently in question and reference, for a name spelled by a LetterModel
     of the *validation* split's names (realistic spellings no trainer's augmentation uses);
@@ -27,20 +27,6 @@ from reformulation.augment import LetterModel, copied_spans, invented_name, swap
 from reformulation.io import atomic_write_json  # noqa: E402
 
 SHARED = ROOT.parent / "shared"
-
-
-def predict(model, tok, examples, batch_size: int = 128) -> list[str]:
-    import torch
-
-    from reformulation.data import format_source
-
-    out = []
-    for i in range(0, len(examples), batch_size):
-        batch = tok([format_source(e.query) for e in examples[i:i + batch_size]], return_tensors="pt", padding=True)
-        with torch.no_grad():
-            ids = model.generate(**batch, max_new_tokens=48, num_beams=1, do_sample=False)
-        out += tok.batch_decode(ids, skip_special_tokens=True)
-    return out
 
 
 def copied(examples, predictions) -> float:
@@ -69,22 +55,21 @@ def main(argv=None) -> int:
 
     import torch
     from rich.table import Table
-    from transformers import AutoTokenizer, T5ForConditionalGeneration
 
     from reformulation.data import load_examples, make_splits
     from reformulation.metrics import rouge_l
+    from torch_t5 import infer
 
     torch.set_num_threads(args.threads)
     console = make_console()
     sets = probes(make_splits(load_examples([args.data]), "target"))
     result = {"cpu": cpu_name(), "rows": len(sets["test"]), "models": {}}
     for folder in args.model:
-        tok = AutoTokenizer.from_pretrained(folder)
-        model = T5ForConditionalGeneration.from_pretrained(folder).eval()
+        model, tok = infer.load(folder, device="cpu")
         row = {}
         for name, examples in sets.items():
             with console.status(f"{folder}: {name}"):
-                preds = predict(model, tok, examples)
+                preds = infer.generate(model, tok, [e.query for e in examples], max_new_tokens=48, batch_size=128)
             row[name] = {"copied": copied(examples, preds), "rouge_l": rouge_l(preds, [e.target for e in examples]),
                          "examples": [[examples[i].query, preds[i], examples[i].target] for i in range(0, 200, 40)]}
         result["models"][folder] = row
