@@ -87,8 +87,6 @@ class LetterModel:
 
     def __init__(self, spans: Iterable[str]):
         words = sorted({w for span in spans for w in span.split() if w.isalpha()})
-        if not words:
-            raise ValueError("no alphabetic words to learn names from")
         follow = collections.defaultdict(collections.Counter)
         for word in words:
             padded = "^" * self.ORDER + word.lower() + "$"
@@ -98,7 +96,8 @@ class LetterModel:
         self.known = {w.lower() for w in words}
 
     def word(self, rng: random.Random) -> str:
-        for _ in range(100):  # a pool of a few names may spell nothing new: then a syllable name
+        # a pool of few (or no) names may spell nothing new: then a syllable name
+        for _ in range(100 if self.table else 0):
             ctx, out = "^" * self.ORDER, ""
             while True:
                 ch = rng.choices(*self.table[ctx])[0]
@@ -146,9 +145,7 @@ def augment(examples: Iterable[Example], copies: int, seed: int = 0, invented: f
     found = [copied_spans(e.query, e.subqueries) for e in examples]
     pool = sorted({span for spans in found for span in spans})
     rng = random.Random(seed)
-    invent: Callable[[random.Random, int], str] = invented_name
-    if names == "letters" and any(w.isalpha() for span in pool for w in span.split()):
-        invent = LetterModel(pool).name
+    invent: Callable[[random.Random, int], str] = LetterModel(pool).name if names == "letters" else invented_name
     out = []
     for example, spans in zip(examples, found):
         if not spans:

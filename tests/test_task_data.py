@@ -126,8 +126,9 @@ def test_letter_names_are_new_words_spelled_like_the_training_names(splits):
     assert rows != augment(splits.train[:300], copies=2, seed=0, invented=1.0)
     with pytest.raises(ValueError, match="names"):
         augment(splits.train[:10], copies=1, names="runes")
-    # a pool that spells nothing new still gets names
+    # a pool that spells nothing new, or holds no words at all, still gets names
     assert len(LetterModel(["Paris"]).name(random.Random(0), 3).split()) == 3
+    assert len(LetterModel(["G7", "1990"]).name(random.Random(0), 2).split()) == 2
 
 
 def test_config_rejects_a_task_tokenizer_for_a_pretrained_model(tmp_path):
